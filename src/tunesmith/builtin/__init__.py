@@ -1,0 +1,1 @@
+"""tunesmith's built-in default: a small base model it pretrains itself, and generated tasks."""

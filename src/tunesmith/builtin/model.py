@@ -1,0 +1,147 @@
+"""The built-in base model: a small Llama-layout causal LM that tunesmith pretrains itself.
+
+No pretrained causal LM can be downloaded offline, so ``builtin:tiny`` is made here: a
+character-level tokenizer, a randomly initialised Llama of a few million parameters, and full
+training from scratch with tunesmith's own SFT recipe (``method: full``, ``loss_on: all``) on
+the generated arithmetic corpus (``tunesmith.builtin.tasks.pretraining_corpus``). Seeds are
+fixed, so a build is reproducible. The result is a standard Hugging Face folder in the user's
+cache (``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else ``~/.cache/tunesmith``),
+so every command takes it like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """Architecture and pretraining budget of a built-in model."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    documents: int = 12_000
+    """Pretraining documents (a few fact sentences each)."""
+    epochs: float = 1.0
+    batch_size: int = 16
+    max_length: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+    version: int = 1
+    """Bumped whenever the build changes, so caches rebuild."""
+
+
+SPECS = {"tiny": BuiltinSpec()}
+
+
+def cache_root() -> Path:
+    if os.environ.get("TUNESMITH_CACHE"):
+        return Path(os.environ["TUNESMITH_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "tunesmith"
+
+
+def builtin_path(name: str) -> Path:
+    return cache_root() / "builtin" / f"{name}-v{SPECS[name].version}"
+
+
+def ensure_builtin_model(name: str = "tiny", rebuild: bool = False) -> Path:
+    """The folder of built-in model ``name``, built first if missing (or if ``rebuild``)."""
+    if name not in SPECS:
+        raise TunesmithError(
+            f"model.name: unknown built-in model 'builtin:{name}'; available: {', '.join('builtin:' + n for n in SPECS)}."
+        )
+    path = builtin_path(name)
+    if rebuild or not (path / "build.json").exists():
+        build_model(SPECS[name], path)
+    return path
+
+
+def build_model(spec: BuiltinSpec, path: Path, progress: bool = True) -> Path:
+    """Pretrain a model per ``spec`` and save it (with tokenizer) at ``path``, atomically."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.builtin.tasks import pretraining_corpus
+    from tunesmith.builtin.tokenizer import build_tokenizer
+    from tunesmith.recipes.common import say
+
+    path = Path(path)
+    work = path.with_name(path.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    say(f"building the built-in base model in {path} (once; later runs load it)")
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    LlamaForCausalLM(config).save_pretrained(work / "init")
+    tok.save_pretrained(work / "init")
+    with (work / "corpus.jsonl").open("w") as f:
+        for doc in pretraining_corpus(spec.documents, spec.seed):
+            f.write(json.dumps({"text": doc}) + "\n")
+
+    import tunesmith
+
+    result = tunesmith.train(
+        {
+            "model": str(work / "init"),
+            "method": "full",
+            "data": {
+                "train": str(work / "corpus.jsonl"),
+                "eval": 0.02,
+                "format": "text",
+                "loss_on": "all",
+                "max_length": spec.max_length,
+                "packing": True,
+            },
+            "train": {
+                "epochs": spec.epochs,
+                "batch_size": spec.batch_size,
+                "lr": spec.lr,
+                "warmup": 0.05,
+                "weight_decay": 0.01,
+                "seed": spec.seed,
+                "device": "cpu",
+                "progress": progress,
+            },
+            "output_dir": str(work / "pretrain"),
+        }
+    )
+    final = work / "pretrain"
+    (final / "build.json").write_text(
+        json.dumps(
+            {"spec": asdict(spec), "seconds": time.perf_counter() - t0, **result.metrics}, indent=2
+        )
+    )
+    # A model folder, not a run folder: the run's config points at the deleted work files.
+    for name in ("config.yaml", "run.json"):
+        (final / name).unlink()
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(final, path)
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"built-in model ready at {path} ({time.perf_counter() - t0:.0f}s)")
+    return path

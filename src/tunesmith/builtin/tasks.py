@@ -1,0 +1,172 @@
+"""Built-in tasks, generated deterministically, each with a disjoint held-out split.
+
+All tasks are built on one small world of arithmetic facts: ``a + b`` and ``a - b`` for
+0 <= b <= a <= 19 and ``a + b`` for every a, b in 0..19, and ``a * b`` for a, b in 0..9. The
+built-in base model reads these facts during pretraining in plain sentences ("7 plus 5 is 12.");
+it has never seen a chat turn. Every task splits the facts the same way (a fixed seeded
+shuffle: 80% train, 20% held out), so no held-out fact is ever trained on by any task.
+
+Use them by name anywhere a data file goes: ``builtin:arith`` (train split) and
+``builtin:arith:eval`` (held-out split).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+
+from tunesmith.data.io import Record
+from tunesmith.errors import DataError
+
+OPS = {"plus": "+", "minus": "-", "times": "*"}
+
+
+@dataclass(frozen=True)
+class Fact:
+    a: int
+    op: str  # plus | minus | times
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return {"plus": self.a + self.b, "minus": self.a - self.b, "times": self.a * self.b}[
+            self.op
+        ]
+
+
+@cache
+def all_facts() -> tuple[Fact, ...]:
+    facts = [Fact(a, "plus", b) for a in range(20) for b in range(20)]
+    facts += [Fact(a, "minus", b) for a in range(20) for b in range(a + 1)]
+    facts += [Fact(a, "times", b) for a in range(10) for b in range(10)]
+    return tuple(facts)
+
+
+@cache
+def fact_split() -> tuple[tuple[Fact, ...], tuple[Fact, ...]]:
+    """(train facts, held-out facts): a fixed 80/20 split shared by every task."""
+    facts = list(all_facts())
+    random.Random(1234).shuffle(facts)
+    cut = int(0.8 * len(facts))
+    return tuple(facts[:cut]), tuple(facts[cut:])
+
+
+def question(f: Fact) -> str:
+    return f"What is {f.a} {f.op} {f.b}?"
+
+
+def _arith(f: Fact, rng: random.Random) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": question(f)},
+            {"role": "assistant", "content": str(f.answer)},
+        ]
+    }
+
+
+def _wrong_answer(f: Fact, rng: random.Random) -> int:
+    wrong = f.answer + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return wrong if wrong >= 0 and wrong != f.answer else f.answer + 1
+
+
+def _arith_pref(f: Fact, rng: random.Random) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question(f)}],
+        "chosen": [{"role": "assistant", "content": str(f.answer)}],
+        "rejected": [{"role": "assistant", "content": str(_wrong_answer(f, rng))}],
+    }
+
+
+def _arith_check(f: Fact, rng: random.Random) -> dict:
+    correct = rng.random() < 0.5
+    shown = f.answer if correct else _wrong_answer(f, rng)
+    return {"text": f"{f.a} {OPS[f.op]} {f.b} = {shown}", "label": int(correct)}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: object  # (Fact, Random) -> record fields
+    about: str
+
+
+TASKS = {
+    "arith": Task(
+        "arith",
+        _arith,
+        "instruction task (chat): 'What is 7 plus 5?' -> '12'. Scored by exact match of the greedy answer on held-out facts.",
+    ),
+    "arith_pref": Task(
+        "arith_pref",
+        _arith_pref,
+        "preference task: prompt, chosen (the right answer), rejected (a wrong one). Scored by preference accuracy.",
+    ),
+    "arith_check": Task(
+        "arith_check",
+        _arith_check,
+        "classification task: 'text' is an equation, 'label' 1 if it is right, 0 if wrong (balanced). Scored by accuracy.",
+    ),
+}
+
+
+def task_records(source: str) -> list[Record]:
+    """Records of ``builtin:NAME`` (train split) or ``builtin:NAME:eval`` (held-out split)."""
+    parts = source.split(":")
+    name, split = parts[1], (parts[2] if len(parts) > 2 else "train")
+    if name not in TASKS or split not in ("train", "eval") or len(parts) > 3:
+        raise DataError(
+            f"{source}: unknown built-in data; available: "
+            + ", ".join(f"builtin:{n}[:eval]" for n in TASKS)
+            + "."
+        )
+    train, held = fact_split()
+    facts = train if split == "train" else held
+    rng = random.Random(f"{name}:{split}")
+    return [Record(TASKS[name].make(f, rng), f"{source} #{i}") for i, f in enumerate(facts)]
+
+
+def arith_reward(prompt: str, completion: str) -> float:
+    """Reward for RL on arithmetic prompts: 1 for the right number, 0.2 for a bare wrong number
+    (right format), 0 otherwise."""
+    m = re.search(r"What is (\d+) (plus|minus|times) (\d+)\?", prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    truth = Fact(int(m.group(1)), m.group(2), int(m.group(3))).answer
+    answer = completion.strip()
+    if not re.fullmatch(r"-?\d+", answer):
+        return 0.0
+    return 1.0 if int(answer) == truth else 0.2
+
+
+def describe_tasks() -> str:
+    train, held = fact_split()
+    lines = [f"built-in tasks ({len(train)} train / {len(held)} held-out facts each):"]
+    lines += [f"  builtin:{t.name:<12} {t.about}" for t in TASKS.values()]
+    lines.append(
+        "  reward function: tunesmith.builtin.tasks.arith_reward(prompt, completion): 1 right, 0.2 a wrong bare number, 0 else."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining corpus for the built-in base model: facts in plain sentences, never as chat.
+
+SENTENCES = ("{a} {op} {b} is {c}.", "{a} {sym} {b} = {c}.")
+
+
+def pretraining_corpus(documents: int, seed: int = 0) -> list[str]:
+    """Documents of a few fact sentences each, covering every fact (train and held-out alike:
+    the base model knows the arithmetic; the tasks teach it the format)."""
+    rng = random.Random(seed)
+    facts = list(all_facts())
+    docs = []
+    for _ in range(documents):
+        parts = []
+        for f in rng.sample(facts, k=rng.randint(3, 6)):
+            parts.append(
+                rng.choice(SENTENCES).format(a=f.a, op=f.op, sym=OPS[f.op], b=f.b, c=f.answer)
+            )
+        docs.append(" ".join(parts))
+    return docs

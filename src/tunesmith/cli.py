@@ -1,0 +1,211 @@
+"""The ``tunesmith`` command: parse arguments, build the config, call the library. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tunesmith.errors import TunesmithError
+
+EPILOG = """examples:
+  tunesmith quickstart
+  tunesmith train configs/sft_lora.yaml train.lr=1e-4 output_dir=runs/try2
+  tunesmith train configs/sft_lora.yaml --resume
+  tunesmith data preview configs/sft_lora.yaml
+  tunesmith generate runs/sft-lora --prompt "What is 12 plus 30?"
+  tunesmith eval runs/sft-lora
+  tunesmith merge runs/sft-lora --out runs/sft-lora-merged
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunesmith",
+        description="Fine-tune Hugging Face language models from one config file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config",
+        description="Train from a YAML config; dotted key=value pairs override it.",
+    )
+    t.add_argument("config", help="YAML config file")
+    t.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 method.rank=8"
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its last checkpoint",
+    )
+
+    d = sub.add_parser(
+        "data", help="inspect training data", description="Inspect the data a config trains on."
+    )
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    pv = dsub.add_parser(
+        "preview",
+        help="rendered examples with trained tokens marked, and statistics",
+        description="Print rendered examples with the trained tokens marked [[like this]], and dataset statistics.",
+    )
+    pv.add_argument("config", help="YAML config file")
+    pv.add_argument("overrides", nargs="*", help="dotted overrides")
+    pv.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default 3)")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text with a model or a run",
+        description="Generate from a model folder, hub id, builtin:NAME, or a tunesmith run folder.",
+    )
+    g.add_argument("model", help="run folder, model folder, hub id or builtin:NAME")
+    g.add_argument(
+        "--prompt", action="append", required=True, help="prompt text (repeat for several)"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)"
+    )
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+
+    e = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity and exact match",
+        description="Evaluate a run folder (on its config's held-out split) or a config's base model.",
+    )
+    e.add_argument("target", help="run folder or YAML config")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the config")
+    e.add_argument(
+        "--samples",
+        type=int,
+        default=200,
+        help="held-out examples scored by exact match (0 to skip; default 200)",
+    )
+
+    m = sub.add_parser(
+        "merge",
+        help="fold a LoRA run into its base model",
+        description="Write a merged model (transformers layout) from a LoRA run folder.",
+    )
+    m.add_argument("run", help="run folder of a LoRA run")
+    m.add_argument("--out", required=True, help="folder for the merged model")
+
+    q = sub.add_parser(
+        "quickstart",
+        help="the built-in demo: LoRA SFT on the built-in model and task",
+        description="Build (or load) the built-in base model, measure it on the built-in arithmetic task, fine-tune it with LoRA, and measure again.",
+    )
+    q.add_argument(
+        "--output-dir",
+        default="runs/quickstart",
+        help="run folder (default runs/quickstart; replaced each time)",
+    )
+
+    b = sub.add_parser(
+        "builtin",
+        help="the built-in base model and tasks",
+        description="Manage the built-in base model and tasks.",
+    )
+    bsub = b.add_subparsers(dest="builtin_command", required=True, metavar="SUBCOMMAND")
+    bb = bsub.add_parser("build", help="(re)build the built-in base model and say where it lives")
+    bb.add_argument("--name", default="tiny", help="built-in model name (default tiny)")
+    bsub.add_parser("tasks", help="list the built-in tasks")
+    return p
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    import tunesmith
+
+    tunesmith.train(a.config, a.overrides, resume=a.resume)
+
+
+def _cmd_data(a: argparse.Namespace) -> None:
+    from tunesmith.config import load_config
+    from tunesmith.data.preview import preview
+
+    print(preview(load_config(a.config, a.overrides), a.examples))
+
+
+def _cmd_generate(a: argparse.Namespace) -> None:
+    import torch
+
+    from tunesmith.generate import chat_prompt, generate
+    from tunesmith.models import load_for_inference
+
+    torch.manual_seed(a.seed)
+    model, tok, _ = load_for_inference(a.model)
+    prompts = [chat_prompt(tok, p, a.raw) for p in a.prompt]
+    outs = generate(model, tok, prompts, a.max_new_tokens, a.sample, a.temperature, a.top_p)
+    for p, o in zip(a.prompt, outs):
+        print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from tunesmith.evaluate import evaluate_target
+
+    for k, v in evaluate_target(a.target, a.overrides, a.samples).items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def _cmd_merge(a: argparse.Namespace) -> None:
+    from tunesmith.merge import merge_run
+
+    out = merge_run(a.run, a.out)
+    print(f"merged model written to {out}")
+
+
+def _cmd_quickstart(a: argparse.Namespace) -> None:
+    from tunesmith.builtin.quickstart import quickstart
+
+    quickstart(a.output_dir)
+
+
+def _cmd_builtin(a: argparse.Namespace) -> None:
+    if a.builtin_command == "build":
+        from tunesmith.builtin.model import ensure_builtin_model
+
+        path = ensure_builtin_model(a.name, rebuild=True)
+        print(f"built-in model '{a.name}' is at {path}")
+    else:
+        from tunesmith.builtin.tasks import describe_tasks
+
+        print(describe_tasks())
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "data": _cmd_data,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+    "merge": _cmd_merge,
+    "quickstart": _cmd_quickstart,
+    "builtin": _cmd_builtin,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[args.command](args)
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; checkpoints already written are kept (resume with --resume).",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

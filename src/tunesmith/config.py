@@ -1,0 +1,379 @@
+"""The typed run configuration: one YAML file (or dict) describes a run.
+
+Every field is documented where it is defined. ``load_config`` reads YAML, applies dotted
+overrides (``train.lr=1e-4``) and validates: an unknown key names the closest valid key, a bad
+value names the key and what is allowed. Method settings live beside each method
+(``tunesmith.methods``) and are found through the method registry by ``method.name``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunesmith.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class ModelConfig:
+    name: str = "builtin:tiny"
+    """Local folder, Hugging Face hub id, or ``builtin:tiny`` (tunesmith's own small base model)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype the weights are loaded in. ``auto`` keeps the checkpoint's own dtype."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint. Off unless you trust the source."""
+    attn_implementation: str | None = None
+    """``sdpa`` (default in transformers), ``eager`` or ``flash_attention_2``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin:arith"
+    """Training data: a .jsonl/.json/.csv/.parquet file, a hub dataset name, or ``builtin:NAME``."""
+    eval: float | str | None = 0.05
+    """Held-out split: a fraction of ``train`` (0 < f < 1), a file, or null for none."""
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = "auto"
+    """Record format. ``auto`` picks it from the fields of the first record and says what it chose."""
+    template: str | None = None
+    """Chat template: null uses the tokenizer's own; ``chatml`` a built-in one; or a .jinja file."""
+    max_length: int = 1024
+    """Longest tokenised example (and packed row) in tokens."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """What to do with longer examples: cut them (counted and reported), drop them, or stop."""
+    packing: bool = True
+    """Pack several examples into one row; attention never crosses example boundaries."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed records instead of stopping at the first one."""
+    split: str = "train"
+    """Split to read when ``train`` is a hub dataset."""
+    max_examples: int | None = None
+    """Use at most this many training examples (after the eval split); null for all."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null derives them from ``epochs``."""
+    batch_size: int = 8
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. The loss is normalised over the whole step."""
+    lr: float = 2.0e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to matrices only (not biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup: float = 0.03
+    """Warm-up: a fraction of the steps when < 1, else a number of steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision: ``auto`` is bf16 on a GPU that supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    seed: int = 0
+    """Seed for weights of new parameters, data order and dropout."""
+    eval_every: int | None = None
+    """Evaluate every N steps (and always at the end); null evaluates only at the end."""
+    eval_batches: int | None = None
+    """Cap evaluation at this many batches; null uses the whole held-out split."""
+    save_every: int | None = None
+    """Write a resumable checkpoint every N steps; null only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 1
+    """Append metrics to metrics.jsonl every N steps."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (a string is shorthand for ``model.name``)."""
+    task: Literal["sft"] = "sft"
+    """What is learned. ``sft``: supervised fine-tuning on labelled examples."""
+    method: Any = None
+    """Which weights train: ``full`` or ``lora`` (a string is shorthand for ``method.name``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and loop settings."""
+    output_dir: str = "runs/run"
+    """Run folder: resolved config, metrics, checkpoints and the final artifacts."""
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            from tunesmith.methods import method_config
+
+            self.method = method_config("lora")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, as written to ``config.yaml`` in the run folder."""
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method.name, **dataclasses.asdict(self.method)}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+# Names other tools use (TRL / transformers / PEFT), so their users are pointed at ours.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "lr_scheduler_type": "schedule",
+    "max_seq_length": "max_length",
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "use_rslora": "rslora",
+    "model_name_or_path": "name",
+    "torch_dtype": "dtype",
+}
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    valid = list(valid)
+    if not valid:
+        return " This section takes no keys."
+    alias = difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.8)
+    if alias and ALIASES[alias[0]] in valid:
+        return f" Did you mean '{ALIASES[alias[0]]}'?"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: got {value!r}; allowed: {_type_name(tp)}.")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}.")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}.")
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}.")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, validating keys and value types."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}'.{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: got {value}; must be {bound}.")
+
+
+def _check_data(d: DataConfig) -> None:
+    _positive("data.max_length", d.max_length)
+    if isinstance(d.eval, float) and not 0.0 <= d.eval < 1.0:
+        raise ConfigError(
+            f"data.eval: got {d.eval}; a fraction must be in [0, 1), or give a file path."
+        )
+    _positive("data.max_examples", d.max_examples)
+
+
+def _check_train(t: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "grad_accum", "lr", "max_steps", "eval_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.warmup", t.warmup, allow_zero=True)
+    _positive("train.max_grad_norm", t.max_grad_norm)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas: got {t.betas}; expected two numbers in [0, 1).")
+    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+        raise ConfigError(f"train.device: got {t.device!r}; allowed: auto, cpu, cuda, cuda:N.")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict (as read from YAML) into a :class:`Config`."""
+    from tunesmith.methods import method_config, method_names
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of keys to values, got {data!r}.")
+    data = dict(data)
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    method = data.pop("method", "lora")
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError("method: give a method name (e.g. 'lora') or a mapping with 'name'.")
+    method = dict(method)
+    name = method.pop("name")
+    if name not in method_names():
+        raise ConfigError(
+            f"method.name: got {name!r}; allowed: {', '.join(method_names())}.{_closest(str(name), method_names())}"
+        )
+    cfg = from_dict(Config, data)
+    cfg.method = from_dict(type(method_config(name)), method, "method")
+    _check_data(cfg.data)
+    _check_train(cfg.train)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected dotted.key=value, e.g. train.lr=1e-4.")
+    key, raw = item.split("=", 1)
+    value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (shorthand strings for model/method expand to dicts)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part in ("model", "method"):
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section.")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads '1e-4' (no dot) as a float, as people write it. Integers stay
+    integers: the int resolver comes first and claims '8' before this one is consulted."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"),
+    list("-+0123456789."),
+)
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config, overrides: typing.Sequence[str] = ()
+) -> Config:
+    """Load a config from a YAML path, a dict or a Config, then apply dotted overrides."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror}).") from None
+        try:
+            data = yaml.load(text, Loader=_Loader) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})."
+            ) from None
+    else:
+        data = copy.deepcopy(source)
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: read records, render formats and templates, tokenise with loss masks, pack and batch."""

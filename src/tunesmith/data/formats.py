@@ -1,0 +1,211 @@
+"""Record formats and how each renders into segments of text marked as supervised or not.
+
+A rendered example is a list of ``Segment(text_or_ids, supervised)``. Only supervised segments
+contribute to the loss (with ``loss_on: completion``); the end-of-sequence / end-of-turn token
+belongs to the supervised part, so the model learns to stop.
+
+Formats (``format: auto`` picks by fields):
+
+- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the chat template;
+  every assistant turn (with its end-of-turn marker) is supervised.
+- ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; the completion and EOS are supervised.
+- ``alpaca``: ``{"instruction", "input" (optional), "output"}`` in the Alpaca prompt layout.
+- ``text``: ``{"text": ...}``; everything is supervised (plain language modelling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.io import Record
+from tunesmith.errors import ConfigError, DataError
+
+# ChatML, as used by Qwen2 and others; the end-of-turn token is <|im_end|>.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML}
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+REQUIRED = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+# Checked in this order by format: auto.
+DETECT_ORDER = ("chat", "prompt_completion", "alpaca", "text")
+
+
+@dataclass
+class Segment:
+    content: str | list[int]
+    supervised: bool
+
+
+def fitting_formats(fields: dict[str, Any]) -> list[str]:
+    return [f for f in DETECT_ORDER if all(k in fields for k in REQUIRED[f])]
+
+
+def _describe_formats() -> str:
+    return "; ".join(f"{f} needs {' + '.join(repr(k) for k in REQUIRED[f])}" for f in DETECT_ORDER)
+
+
+def detect_format(record: Record) -> str:
+    """The first format whose required fields the record has."""
+    fits = fitting_formats(record.fields)
+    if not fits:
+        raise DataError(
+            f"{record.origin}: no known format fits the fields {sorted(record.fields)}. "
+            f"Formats: {_describe_formats()}."
+        )
+    return fits[0]
+
+
+def check_fields(record: Record, fmt: str) -> None:
+    missing = [k for k in REQUIRED[fmt] if k not in record.fields or record.fields[k] is None]
+    if missing:
+        fits = fitting_formats(record.fields)
+        hint = (
+            f" Formats that fit its fields: {', '.join(fits)}."
+            if fits
+            else f" Formats: {_describe_formats()}."
+        )
+        raise DataError(
+            f"{record.origin}: missing field {', '.join(repr(m) for m in missing)} for format '{fmt}' "
+            f"(fields present: {sorted(record.fields)}).{hint}"
+        )
+
+
+def resolve_template(template: str | None, tokenizer: Any) -> str | None:
+    """The chat template to use: a named built-in, a .jinja file, or the tokenizer's own."""
+    if template is None:
+        return getattr(tokenizer, "chat_template", None)
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    path = Path(template).expanduser()
+    if path.suffix == ".jinja" or path.exists():
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise ConfigError(f"data.template: cannot read {path} ({e.strerror}).") from None
+    raise ConfigError(
+        f"data.template: got {template!r}; give one of {', '.join(TEMPLATES)}, a .jinja file, or null."
+    )
+
+
+def _text(record: Record, key: str) -> str:
+    value = record.fields[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{record.origin}: field '{key}' must be a string, got {type(value).__name__}."
+        )
+    return value
+
+
+def _render_chat(
+    record: Record, messages: Any, tokenizer: Any, template: str | None, loss_on_all: bool
+) -> list[Segment]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{record.origin}: 'messages' must be a non-empty list of {{role, content}} objects."
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{record.origin}: messages[{i}] needs 'role' and 'content'.")
+    if template is None:
+        raise ConfigError(
+            "data.template: the tokenizer has no chat template, so chat data cannot be rendered; "
+            "set data.template=chatml (or a .jinja file)."
+        )
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+
+    if loss_on_all:
+        return [Segment(render(messages, False), True)]
+    segments: list[Segment] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError(
+                f"{record.origin}: the chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located; set data.template=chatml or data.loss_on=all."
+            )
+        segments.append(Segment(prefix[len(done) :], False))
+        segments.append(Segment(full[len(prefix) :], True))
+        done = full
+    tail = render(messages, False)[len(done) :]
+    if tail:
+        segments.append(Segment(tail, False))
+    return segments
+
+
+def render(
+    record: Record, fmt: str, tokenizer: Any, template: str | None, loss_on_all: bool
+) -> list[Segment]:
+    """Segments of one record; the caller tokenises them and builds the labels."""
+    check_fields(record, fmt)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    f = record.fields
+    if fmt == "chat":
+        return _render_chat(record, f["messages"], tokenizer, template, loss_on_all)
+    if fmt == "text":
+        return [Segment(_text(record, "text"), True), Segment(eos, True)]
+    if fmt == "prompt_completion":
+        if isinstance(f["prompt"], list) and isinstance(f["completion"], list):
+            # Conversational prompt/completion: both are lists of messages.
+            return _render_chat(
+                record, f["prompt"] + f["completion"], tokenizer, template, loss_on_all
+            )
+        prompt, completion = _text(record, "prompt"), _text(record, "completion")
+    else:  # alpaca
+        inp = f.get("input") or ""
+        layout = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
+        prompt = layout.format(instruction=_text(record, "instruction"), input=inp)
+        completion = _text(record, "output")
+    return [Segment(prompt, loss_on_all), Segment(completion, True), Segment(eos, True)]
+
+
+def prompt_and_reference(
+    record: Record, fmt: str, tokenizer: Any, template: str | None
+) -> tuple[str, str]:
+    """For generation-based metrics: the rendered prompt and the reference answer text."""
+    check_fields(record, fmt)
+    f = record.fields
+    if fmt == "chat" or (fmt == "prompt_completion" and isinstance(f["prompt"], list)):
+        msgs = f["messages"] if fmt == "chat" else f["prompt"] + f["completion"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(
+            msgs[:last], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        return prompt, msgs[last]["content"]
+    if fmt == "prompt_completion":
+        return f["prompt"], f["completion"]
+    if fmt == "alpaca":
+        inp = f.get("input") or ""
+        layout = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
+        return layout.format(instruction=f["instruction"], input=inp), f["output"]
+    raise DataError(
+        f"{record.origin}: format 'text' has no prompt/answer split for generation metrics."
+    )

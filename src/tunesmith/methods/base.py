@@ -1,0 +1,90 @@
+"""The Method protocol: which parameters of a model train, and how they are saved.
+
+A method is a small object built from its config. ``apply(model)`` injects its parameters by
+module name (never by subclassing model classes) and freezes what it does not train. Shared
+code (loops, recipes, tasks) only talks to this protocol, so it never branches on a method's
+name: LoRA-DPO or prefix-SFT are configurations, not new code paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What every fine-tuning method provides."""
+
+    name: ClassVar[str]
+    config: Any
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Inject the method's parameters into ``model``, freeze the rest; return the model."""
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The (name, parameter) pairs the optimiser updates."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's own weights only (for checkpoints), keyed by model parameter name."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def save(self, directory: str | Path, base_model: str) -> None:
+        """Write the final artifact (HF or PEFT layout) into ``directory``."""
+
+    def disable(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model computes as the frozen base (a free reference model)."""
+
+    def merge(self) -> nn.Module:
+        """Fold the method into the base weights where the maths allows; return the plain model."""
+
+
+_REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register(config_cls: type, method_cls: type) -> None:
+    """Make a method available by ``config_cls.name`` in configs and the CLI."""
+    _REGISTRY[config_cls.name] = (config_cls, method_cls)
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_config(name: str, **kwargs: Any) -> Any:
+    """A method's config object with defaults (plus ``kwargs``)."""
+    return _REGISTRY[name][0](**kwargs)
+
+
+def build_method(config: Any) -> Method:
+    """The method object for a validated method config."""
+    return _REGISTRY[config.name][1](config)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def toggled(modules: list[Any], attr: str, value: Any) -> Iterator[None]:
+    """Temporarily set ``attr`` on every module (used by ``disable()`` implementations)."""
+    old = [getattr(m, attr) for m in modules]
+    for m in modules:
+        setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, v in zip(modules, old):
+            setattr(m, attr, v)

@@ -1,0 +1,66 @@
+"""Full fine-tuning: every parameter of the model trains.
+
+The update is plain AdamW on all weights ``W <- W - lr * adam(grad W)``. The artifact is the
+whole model in the Hugging Face layout (``save_pretrained``), loadable by ``transformers`` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.methods.base import named_trainable, register
+
+
+@dataclass
+class FullConfig:
+    """Full fine-tuning has no settings of its own."""
+
+    name: ClassVar[str] = "full"
+
+
+class Full:
+    name: ClassVar[str] = "full"
+
+    def __init__(self, config: FullConfig) -> None:
+        self.config = config
+        self.model: nn.Module | None = None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.model = model
+        return model
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return named_trainable(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def save(self, directory: str | Path, base_model: str) -> None:
+        self.model.save_pretrained(directory, safe_serialization=True)
+
+    def disable(self) -> contextlib.AbstractContextManager[None]:
+        raise TunesmithError(
+            "method 'full' changes every weight, so there is no frozen base to fall back to; "
+            "use a parameter-efficient method or keep a separate reference model."
+        )
+
+    def merge(self) -> nn.Module:
+        return self.model
+
+
+register(FullConfig, Full)

@@ -1,0 +1,123 @@
+"""Load models and tokenizers (local folder, hub id or ``builtin:NAME``), pick device and dtype,
+and load finished runs back for generation, evaluation and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunesmith.config import Config, ModelConfig, load_config
+from tunesmith.errors import TunesmithError
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TunesmithError(
+            f"train.device: '{name}' asked for, but no CUDA device is available; use auto or cpu."
+        )
+    return torch.device(name)
+
+
+def resolve_model_path(name: str) -> str:
+    """A loadable path or hub id: ``builtin:NAME`` resolves to (and if needed builds) the cache folder."""
+    if name.startswith("builtin:"):
+        from tunesmith.builtin.model import ensure_builtin_model
+
+        return str(ensure_builtin_model(name.split(":", 1)[1]))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise TunesmithError(
+                f"model.name: {path} has no config.json; is it a Hugging Face model folder?"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise TunesmithError(f"model.name: {path} does not exist.")
+    return name  # a hub id
+
+
+def _load_error(name: str, e: Exception) -> TunesmithError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return TunesmithError(f"model.name: cannot load '{name}' ({first}).")
+
+
+def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
+    """The tokenizer, with a pad token (EOS is fine: padding is masked by position, not by id)."""
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(mcfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(mcfg.name, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(mcfg: ModelConfig, device: torch.device, path: str | None = None) -> nn.Module:
+    """A causal LM from safetensors weights, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(mcfg.name)
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[mcfg.dtype],
+        "trust_remote_code": mcfg.trust_remote_code,
+        "use_safetensors": True,
+        "revision": mcfg.revision,
+    }
+    if mcfg.attn_implementation:
+        kwargs["attn_implementation"] = mcfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(mcfg.name, e) from None
+    return model.to(device)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").exists() and (Path(path) / "run.json").exists()
+
+
+def load_for_inference(
+    path_or_name: str, device: torch.device | None = None
+) -> tuple[nn.Module, Any, Config | None]:
+    """(model, tokenizer, run config or None) for a run folder, a model folder or a hub id.
+
+    A run folder of a parameter-efficient method is loaded as its base model with the method
+    applied and its weights loaded; a full run folder is a plain model folder.
+    """
+    from tunesmith.methods import build_method
+
+    device = device or pick_device()
+    if is_run_dir(path_or_name):
+        cfg = load_config(Path(path_or_name) / "config.yaml")
+        run = json.loads((Path(path_or_name) / "run.json").read_text())
+        tok = load_tokenizer(cfg.model, path_or_name)
+        if run["artifact"] == "model":
+            model = load_model(cfg.model, device, path_or_name)
+        else:
+            model = load_model(cfg.model, device)
+            method = build_method(cfg.method)
+            model = method.apply(model)
+            method.load(path_or_name)
+            model.tunesmith_method = method  # for merge
+        return model.eval(), tok, cfg
+    mcfg = ModelConfig(name=path_or_name)
+    return load_model(mcfg, device).eval(), load_tokenizer(mcfg), None

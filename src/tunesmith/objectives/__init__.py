@@ -1,0 +1,1 @@
+"""Training objectives: standalone losses over a model and a batch."""

@@ -1,0 +1,1 @@
+"""Training loops and their parts: optimiser, checkpoints, logging."""

@@ -1,0 +1,90 @@
+"""Metrics to JSONL, a progress bar, and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per logged step or evaluation."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Drop lines from after the checkpoint we resume from: they will be redone.
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        unit="step",
+    )
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training loss per step and eval loss at its steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        xs, ys = zip(*train)
+        ax.plot(xs, ys, lw=1, alpha=0.5, label="train loss")
+        if len(ys) >= 10:  # a moving average makes the trend readable
+            k = max(2, len(ys) // 20)
+            smooth = [
+                sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+            ax.plot(xs, smooth, lw=2, label=f"train loss (avg of {k})")
+    if evals:
+        xs, ys = zip(*evals)
+        ax.plot(xs, ys, "o-", lw=2, label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / supervised token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

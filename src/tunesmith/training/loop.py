@@ -1,0 +1,217 @@
+"""The supervised loop, shared by every offline task (sft now; classify, reward, dpo, distill later).
+
+A task hands the loop its batches and an objective; the loop owns the optimiser, accumulation,
+precision, evaluation, checkpoints, logging and progress. An objective is any object with
+
+    count(batch) -> int                        # normaliser contribution (tokens, pairs, ...)
+    __call__(model, batch) -> (loss_sum, metrics)
+
+and one optimiser step minimises ``sum_micro loss_sum / sum_micro count`` over its micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tunesmith.config import TrainConfig
+from tunesmith.data.batching import Batch, Batches
+from tunesmith.methods.base import Method
+from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.logging import MetricsLog, progress
+from tunesmith.training.optim import build_optimizer, build_scheduler
+
+
+class Objective(Protocol):
+    def count(self, batch: Batch) -> int: ...
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    final_train_loss: float
+    eval: dict[str, float]
+    tokens_per_s: float
+    train_seconds: float
+    peak_memory_mb: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked for (``auto``: on a GPU that supports it), else nothing."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum))
+
+
+def accumulate_gradients(
+    model: nn.Module, objective: Objective, micro: list[Batch], device: torch.device, precision: str
+) -> float:
+    """Backward over one step's micro-batches; return the step's mean loss.
+
+    Each micro-batch's summed loss is divided by the count of the *whole* step, so the gradient
+    is that of one big batch whatever the split into micro-batches.
+    """
+    count = max(sum(objective.count(b) for b in micro), 1)
+    loss_sum = 0.0
+    for batch in micro:
+        with autocast(device, precision):
+            part, _ = objective(model, batch.to(device))
+        (part / count).backward()
+        loss_sum += float(part.detach())
+    return loss_sum / count
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    objective: Objective,
+    batches: Batches,
+    device: torch.device,
+    precision: str,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean loss per counted unit over the held-out batches (and perplexity for token losses)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for k, rows in enumerate(batches.plan(0)):
+        if max_batches is not None and k >= max_batches:
+            break
+        batch = batches.collate(rows).to(device)
+        with autocast(device, precision):
+            loss, _ = objective(model, batch)
+        loss_sum += float(loss)
+        count += objective.count(batch)
+    model.train(was_training)
+    mean = loss_sum / max(count, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def train_loop(
+    model: nn.Module,
+    method: Method,
+    objective: Objective,
+    train: Batches,
+    evals: Batches | None,
+    cfg: TrainConfig,
+    output_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+) -> LoopResult:
+    """Run the optimisation; checkpoints go to ``output_dir/checkpoints``."""
+    steps = total_steps(cfg, len(train))
+    opt = build_optimizer(method.trainable_parameters(), cfg, device)
+    sched = build_scheduler(opt, cfg, steps)
+    ckpt_root = output_dir / "checkpoints"
+    state = {"step": 0, "micro_batches": 0, "tokens": 0, "train_seconds": 0.0}
+    if resume and list_checkpoints(ckpt_root):
+        state = load_checkpoint(list_checkpoints(ckpt_root)[-1], method, opt, sched)
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state["step"] if resume else None)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for _, p in method.trainable_parameters()]
+    stream = train.iterate(start=state["micro_batches"])
+    model.train()
+    bar = progress(steps, state["step"], cfg.progress, "train")
+    eval_metrics: dict[str, float] = {}
+    loss = float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start, tokens_start = time.perf_counter(), state["tokens"]
+
+    def checkpoint(step: int) -> None:
+        state["train_seconds"] += time.perf_counter() - t_mark
+        save_checkpoint(
+            ckpt_root,
+            step,
+            method,
+            opt,
+            sched,
+            {k: v for k, v in state.items() if k != "step"},
+            cfg.keep_checkpoints,
+        )
+
+    t_mark = t_start
+    for step in range(state["step"], steps):
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        loss = accumulate_gradients(model, objective, micro, device, cfg.precision)
+        state["tokens"] += sum(b.n_tokens for b in micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state["micro_batches"] += cfg.grad_accum
+
+        done = step + 1
+        elapsed = state["train_seconds"] + time.perf_counter() - t_mark
+        tok_s = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+        record = {
+            "step": done,
+            "epoch": round(train.epoch_of(state["micro_batches"] - 1), 4),
+            "loss": loss,
+            "lr": sched.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens": state["tokens"],
+            "tokens_per_s": tok_s,
+            "elapsed_s": elapsed,
+        }
+        if evals is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+            record.update(
+                evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches)
+            )
+            eval_metrics = {k: v for k, v in record.items() if k.startswith("eval_")}
+        if done % cfg.log_every == 0 or done == steps or "eval_loss" in record:
+            log.write(record)
+        bar.set_postfix(
+            loss=f"{loss:.4f}",
+            tok_s=f"{tok_s:,.0f}",
+            **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
+        )
+        bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            checkpoint(done)
+            t_mark = time.perf_counter()
+    bar.close()
+    train_seconds = state["train_seconds"] + time.perf_counter() - t_mark
+    if evals is not None and len(evals.examples):
+        eval_metrics = evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches)
+        log.write({"step": steps, **eval_metrics})
+    if cfg.save_every:
+        t_mark = time.perf_counter()
+        checkpoint(steps)
+    return LoopResult(
+        steps=steps,
+        final_train_loss=loss,
+        eval=eval_metrics,
+        tokens_per_s=(state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9),
+        train_seconds=train_seconds,
+        peak_memory_mb=peak_memory_mb(device),
+        history=log.read(),
+    )

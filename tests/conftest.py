@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random models built from config objects (no network), and data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.builtin.tokenizer import build_tokenizer
+
+
+def _save_tiny(kind: str, path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {k: _save_tiny(k, root / k) for k in ("llama", "qwen2")}
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request, tiny_models) -> Path:
+    """Each test using this runs once per model layout."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def pc_data(tmp_path) -> Path:
+    """Prompt/completion pairs of varied length."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        pad = " " * rng.randint(0, 12)
+        rows.append({"prompt": f"Add{pad} {a} and {b}:", "completion": f" {a + b}"})
+    return write_jsonl(tmp_path / "pc.jsonl", rows)
+
+
+@pytest.fixture
+def chat_data(tmp_path) -> Path:
+    rng = random.Random(1)
+    rows = []
+    for _ in range(24):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"{a}+{b}?"},
+                    {"role": "assistant", "content": str(a + b)},
+                    {"role": "user", "content": "double it"},
+                    {"role": "assistant", "content": str(2 * (a + b))},
+                ]
+            }
+        )
+    return write_jsonl(tmp_path / "chat.jsonl", rows)
+
+
+def base_config(model: Path, data: Path, out: Path, **train) -> dict:
+    """A small, fast config dict for recipe tests."""
+    return {
+        "model": str(model),
+        "method": {"name": "lora", "rank": 4, "alpha": 8},
+        "data": {"train": str(data), "eval": 0.25, "max_length": 64},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, **train},
+        "output_dir": str(out),
+    }
