@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunesmith
+from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
@@ -90,7 +91,7 @@ def test_full_run_loads_in_transformers_alone(llama, chat_data, tmp_path):
     tunesmith.train(cfg)
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.chat_template == build_tokenizer().chat_template
     ours, _, _ = load_for_inference(str(out), torch.device("cpu"))
     x = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(model(x).logits, ours(x).logits)

@@ -96,7 +96,25 @@ def test_truncation_counted_dropped_or_refused(tmp_path, tok):
         prep(tok, path, max_length=20, truncation="error")
 
 
-def test_chat_supervises_exactly_assistant_turns_and_end_of_turn(tmp_path, tok):
+@pytest.mark.parametrize(
+    "template, expected, end",
+    [
+        (
+            "chatml",
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+            "[[A1<|im_end|>\n]]<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n[[A2<|im_end|>\n]]",
+            "<|im_end|>",
+        ),
+        (
+            None,
+            "System: S\nUser: Q1\nAssistant: [[A1</s>\n]]User: Q2\nAssistant: [[A2</s>\n]]",
+            "</s>",
+        ),
+    ],
+)
+def test_chat_supervises_exactly_assistant_turns_and_end_of_turn(
+    tmp_path, tok, template, expected, end
+):
     msgs = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "Q1"},
@@ -104,15 +122,10 @@ def test_chat_supervises_exactly_assistant_turns_and_end_of_turn(tmp_path, tok):
         {"role": "user", "content": "Q2"},
         {"role": "assistant", "content": "A2"},
     ]
-    data = prep(tok, write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]))
+    data = prep(tok, write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), template=template)
     ex = data.train[0]
-    marked = mark_supervised(ex, tok)
-    assert marked == (
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
-        "[[A1<|im_end|>\n]]<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n[[A2<|im_end|>\n]]"
-    )
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert (ex.labels == im_end).sum() == 2  # both end-of-turn tokens are trained
+    assert mark_supervised(ex, tok) == expected
+    assert (ex.labels == tok.convert_tokens_to_ids(end)).sum() == 2  # both end-of-turn tokens train
 
 
 def test_prompt_completion_supervises_completion_and_eos(tmp_path, tok):

@@ -27,23 +27,36 @@ from tunesmith.errors import TunesmithError
 class BuiltinSpec:
     """Architecture and pretraining budget of a built-in model."""
 
-    hidden_size: int = 256
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    documents: int = 12_000
+    documents: int = 26_000
     """Pretraining documents (a few fact sentences each)."""
     epochs: float = 1.0
     batch_size: int = 16
     max_length: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     seed: int = 0
     version: int = 1
     """Bumped whenever the build changes, so caches rebuild."""
 
 
-SPECS = {"tiny": BuiltinSpec()}
+SPECS = {
+    "tiny": BuiltinSpec(),
+    # A seconds-to-build stand-in with the same tokenizer and layout, for smoke tests.
+    "micro": BuiltinSpec(
+        hidden_size=32,
+        intermediate_size=64,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        documents=400,
+        batch_size=8,
+        max_length=128,
+    ),
+}
 
 
 def cache_root() -> Path:

@@ -81,11 +81,13 @@ def quickstart(
     after = _measure(tuned, tok, held_out, tok.chat_template)
     seconds = time.perf_counter() - t0
 
-    width = max(len(q) for q in _questions(before)[:SHOW]) + 2
-    table = [f"{'held-out question':<{width}}{'reference':<11}{'base model':<16}after LoRA SFT"]
-    for (prompt, ref, pred_b), (_, _, pred_a) in list(zip(before.samples, after.samples))[:SHOW]:
-        q = _question(prompt)
-        table.append(f"{q:<{width}}{ref:<11}{_short(pred_b):<16}{_short(pred_a)}")
+    questions = [r.fields["messages"][0]["content"] for r in held_out[:SHOW]]
+    shown = list(zip(questions, before.samples, after.samples))
+    width = max(len(q) for q in questions) + 2
+    table = [f"{'held-out question':<{width}}{'reference':<11}{'base model':<18}after LoRA SFT"]
+    table += [
+        f"{q:<{width}}{ref:<11}{_short(b):<18}{_short(a)}" for q, (_, ref, b), (_, _, a) in shown
+    ]
     summary = [
         "",
         *table,
@@ -99,8 +101,7 @@ def quickstart(
     ]
     print("\n".join(summary))
     rows = "\n".join(
-        f"| {_question(p)} | {r} | `{_short(b)}` | `{_short(a)}` |"
-        for (p, r, b), (_, _, a) in list(zip(before.samples, after.samples))[:SHOW]
+        f"| {q} | {ref} | `{_short(b)}` | `{_short(a)}` |" for q, (_, ref, b), (_, _, a) in shown
     )
     section = (
         "## Quickstart: before and after\n\n"
@@ -120,14 +121,6 @@ def quickstart(
     }
 
 
-def _question(prompt: str) -> str:
-    return prompt.split("user\n", 1)[-1].split("<|im_end|>", 1)[0]
-
-
-def _questions(em: ExactMatch) -> list[str]:
-    return [_question(p) for p, _, _ in em.samples]
-
-
-def _short(text: str, n: int = 14) -> str:
+def _short(text: str, n: int = 16) -> str:
     text = text.replace("\n", "\\n")
     return text if len(text) <= n else text[: n - 1] + "…"

@@ -1,9 +1,9 @@
 """Built-in tasks, generated deterministically, each with a disjoint held-out split.
 
-All tasks are built on one small world of arithmetic facts: ``a + b`` and ``a - b`` for
-0 <= b <= a <= 19 and ``a + b`` for every a, b in 0..19, and ``a * b`` for a, b in 0..9. The
-built-in base model reads these facts during pretraining in plain sentences ("7 plus 5 is 12.");
-it has never seen a chat turn. Every task splits the facts the same way (a fixed seeded
+All tasks are built on one small world of 610 arithmetic facts: ``a plus b`` for every a, b in
+0..19 and ``a minus b`` for 0 <= b <= a <= 19. The built-in base model reads every fact during
+pretraining, in sentences and in several question-and-answer layouts ("Q: What is 7 plus 5?
+A: 12."), but never in the chat layout the tasks use ("User: ... / Assistant: 12</s>"). Every task splits the facts the same way (a fixed seeded
 shuffle: 80% train, 20% held out), so no held-out fact is ever trained on by any task.
 
 Use them by name anywhere a data file goes: ``builtin:arith`` (train split) and
@@ -20,27 +20,24 @@ from functools import cache
 from tunesmith.data.io import Record
 from tunesmith.errors import DataError
 
-OPS = {"plus": "+", "minus": "-", "times": "*"}
+OPS = {"plus": "+", "minus": "-"}
 
 
 @dataclass(frozen=True)
 class Fact:
     a: int
-    op: str  # plus | minus | times
+    op: str  # plus | minus
     b: int
 
     @property
     def answer(self) -> int:
-        return {"plus": self.a + self.b, "minus": self.a - self.b, "times": self.a * self.b}[
-            self.op
-        ]
+        return self.a + self.b if self.op == "plus" else self.a - self.b
 
 
 @cache
 def all_facts() -> tuple[Fact, ...]:
     facts = [Fact(a, "plus", b) for a in range(20) for b in range(20)]
     facts += [Fact(a, "minus", b) for a in range(20) for b in range(a + 1)]
-    facts += [Fact(a, "times", b) for a in range(10) for b in range(10)]
     return tuple(facts)
 
 
@@ -130,7 +127,7 @@ def task_records(source: str) -> list[Record]:
 def arith_reward(prompt: str, completion: str) -> float:
     """Reward for RL on arithmetic prompts: 1 for the right number, 0.2 for a bare wrong number
     (right format), 0 otherwise."""
-    m = re.search(r"What is (\d+) (plus|minus|times) (\d+)\?", prompt)
+    m = re.search(r"What is (\d+) (plus|minus) (\d+)\?", prompt)
     if m is None:
         raise ValueError(f"not an arithmetic prompt: {prompt!r}")
     truth = Fact(int(m.group(1)), m.group(2), int(m.group(3))).answer
@@ -153,7 +150,14 @@ def describe_tasks() -> str:
 # ----------------------------------------------------------------------------------------------
 # Pretraining corpus for the built-in base model: facts in plain sentences, never as chat.
 
-SENTENCES = ("{a} {op} {b} is {c}.", "{a} {sym} {b} = {c}.")
+SENTENCES = (
+    "{a} {op} {b} is {c}.",
+    "{a} {sym} {b} = {c}.",
+    "Q: What is {a} {op} {b}? A: {c}.",
+    "Question: What is {a} {op} {b}?\nAnswer: {c}.",
+    "Student: What is {a} {op} {b}?\nTeacher: {c}.",
+    "Human: What is {a} {op} {b}?\nBot: {c}.",
+)
 
 
 def pretraining_corpus(documents: int, seed: int = 0) -> list[str]:

@@ -1,7 +1,8 @@
 """The built-in character-level tokenizer: one token per character, plus chat special tokens.
 
 Characters as tokens keep digits separate (good for arithmetic) and make the vocabulary tiny,
-so the built-in model spends its parameters on layers rather than embeddings.
+so the built-in model spends its parameters on layers rather than embeddings. The chat template
+is the plain ``User: ... / Assistant: ...</s>`` layout (``data.template: plain``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from tunesmith.data.formats import CHATML
+from tunesmith.data.formats import PLAIN
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
@@ -32,5 +33,5 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHATML
+    fast.chat_template = PLAIN  # the ChatML tokens exist too, for data.template=chatml
     return fast

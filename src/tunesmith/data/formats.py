@@ -29,7 +29,16 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TEMPLATES = {"chatml": CHATML}
+# Role-prefixed plain text ("User: ...", "Assistant: ..."), the end of an assistant turn marked
+# by EOS. Base models read text like this in pretraining, unlike ChatML's new special tokens.
+PLAIN = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ message['role'] | capitalize + ': ' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

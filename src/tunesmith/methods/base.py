@@ -39,6 +39,9 @@ class Method(Protocol):
     def save(self, directory: str | Path, base_model: str) -> None:
         """Write the final artifact (HF or PEFT layout) into ``directory``."""
 
+    def load(self, directory: str | Path) -> None:
+        """Load the weights written by :meth:`save` into the applied model."""
+
     def disable(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the model computes as the frozen base (a free reference model)."""
 

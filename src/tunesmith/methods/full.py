@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
@@ -52,6 +53,21 @@ class Full:
 
     def save(self, directory: str | Path, base_model: str) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)
+
+    def load(self, directory: str | Path) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(Path(directory).glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        if not state:
+            raise TunesmithError(f"{directory}: no .safetensors weights to load.")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in self.model.named_parameters()
+        }
+        if unexpected or set(missing) - tied:
+            raise TunesmithError(
+                f"{directory}: weights do not fit this model (e.g. {(unexpected or missing)[:3]})."
+            )
 
     def disable(self) -> contextlib.AbstractContextManager[None]:
         raise TunesmithError(

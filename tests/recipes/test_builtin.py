@@ -1,0 +1,124 @@
+"""The built-in default: deterministic base model, stable tasks, quickstart and example configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tunesmith
+from tunesmith.builtin.model import SPECS, build_model, ensure_builtin_model
+from tunesmith.builtin.tasks import TASKS, all_facts, arith_reward, fact_split, task_records
+from tunesmith.cli import main
+from tunesmith.errors import DataError
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache with builtin:micro built once for this module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TUNESMITH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ensure_builtin_model("micro")
+    yield
+    mp.undo()
+
+
+def test_build_is_deterministic(tmp_path):
+    spec = SPECS["micro"]
+    a = load_file(str(build_model(spec, tmp_path / "a", progress=False) / "model.safetensors"))
+    b = load_file(str(build_model(spec, tmp_path / "b", progress=False) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "build.json").exists() and not (tmp_path / "a.building").exists()
+
+
+def test_task_splits_disjoint_and_stable():
+    train, held = fact_split()
+    assert len(train) + len(held) == len(all_facts()) == 610
+    assert not set(train) & set(held)
+    assert fact_split() == (train, held)
+    for name in TASKS:
+        tr, ev = task_records(f"builtin:{name}"), task_records(f"builtin:{name}:eval")
+        assert (len(tr), len(ev)) == (488, 122)
+        assert [r.fields for r in tr] == [r.fields for r in task_records(f"builtin:{name}")]
+    first = task_records("builtin:arith")[0].fields["messages"]
+    assert first == [
+        {"role": "user", "content": "What is 3 minus 3?"},
+        {"role": "assistant", "content": "0"},
+    ]
+    prefs = task_records("builtin:arith_pref:eval")
+    assert all(p.fields["chosen"] != p.fields["rejected"] for p in prefs)
+    checks = [r.fields["label"] for r in task_records("builtin:arith_check")]
+    assert 0.4 < sum(checks) / len(checks) < 0.6
+    with pytest.raises(DataError, match="unknown built-in data"):
+        task_records("builtin:nope")
+
+
+def test_reward_function():
+    assert arith_reward("What is 7 plus 5?", " 12") == 1.0
+    assert arith_reward("What is 7 plus 5?", "13") == 0.2
+    assert arith_reward("What is 7 minus 5?", "two") == 0.0
+
+
+def test_quickstart_end_to_end_reduced(cache, tmp_path, capsys):
+    from tunesmith.builtin.quickstart import quickstart
+
+    out = tmp_path / "qs"
+    result = quickstart(
+        out,
+        [
+            "model.name=builtin:micro",
+            "train.epochs=3",
+            "train.lr=1e-2",
+            "train.progress=false",
+            "train.eval_every=20",
+        ],
+    )
+    printed = capsys.readouterr().out
+    assert "held-out exact match:" in printed and "after LoRA SFT" in printed
+    assert result["n"] == 122 and result["after"] >= result["before"]
+    history = [yaml.safe_load(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    assert evals[-1] < evals[0]  # the held-out loss falls
+    assert "Quickstart: before and after" in (out / "report.md").read_text()
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_base_eval_loss_falls_after_training(cache, tmp_path, capsys):
+    cfg = CONFIGS[0]
+    assert main(["eval", str(cfg), "model.name=builtin:micro", "--samples", "0"]) == 0
+    before = float(
+        next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval_loss")).split()[
+            1
+        ]
+    )
+    run = tunesmith.train(
+        cfg,
+        [
+            "model.name=builtin:micro",
+            "train.max_steps=30",
+            "train.lr=1e-2",
+            f"output_dir={tmp_path / 'r'}",
+            "train.progress=false",
+        ],
+    )
+    assert run.metrics["eval_loss"] < before
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_example_configs_run(cache, tmp_path, config):
+    run = tunesmith.train(
+        config,
+        [
+            "model.name=builtin:micro",
+            "train.max_steps=3",
+            "train.eval_every=2",
+            "train.save_every=2",
+            f"output_dir={tmp_path / 'run'}",
+            "train.progress=false",
+        ],
+    )
+    assert run.metrics["steps"] == 3 and (tmp_path / "run" / "run.json").exists()
