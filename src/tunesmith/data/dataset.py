@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.config import DataConfig
+from tunesmith.data.batching import collate
 from tunesmith.data.formats import detect_format, render, resolve_template
 from tunesmith.data.io import Record, read_records
 from tunesmith.data.tokenize import Example, TokenStats, adds_bos, tokenize_segments
@@ -100,6 +101,24 @@ def preflight(examples: list[Example], tokenizer: Any, cfg: DataConfig, where: s
         )
 
 
+def check_padding(examples: list[Example], tokenizer: Any, where: str) -> None:
+    """Padding must never hide a trained token: collate a real batch and count the labels.
+
+    The classic failure is a collator that masks labels by ``input_ids == pad_token_id`` while the
+    pad token equals EOS, so the model never learns to stop. tunesmith masks padding by position;
+    this check proves it on the actual batch before training starts.
+    """
+    sample = examples[:8]
+    batch = collate(sample, [[i] for i in range(len(sample))], tokenizer.pad_token_id)
+    if batch.n_supervised != sum(ex.n_supervised for ex in sample):
+        same = tokenizer.pad_token_id == tokenizer.eos_token_id
+        raise DataError(
+            f"{where}: padding masks trained tokens"
+            + (" (the pad token equals EOS, so EOS is never trained)" if same else "")
+            + "; give the tokenizer a distinct pad token."
+        )
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     """Read, split, render and tokenise the configured data; run the pre-flight check."""
     records, report = read_records(cfg.train, cfg.split, cfg.skip_bad_rows)
@@ -126,6 +145,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     stats.skipped_bad = report.skipped
     evals, eval_stats = tokenize_records(eval_records, fmt, cfg, tokenizer, template, True)
     preflight(train, tokenizer, cfg, cfg.train)
+    check_padding(train, tokenizer, cfg.train)
     if stats.truncated:
         verb = "dropped" if cfg.truncation == "drop" else "truncated"
         notes.append(

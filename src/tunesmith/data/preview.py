@@ -70,5 +70,10 @@ def preview(cfg: Config, n: int = 3) -> str:
         f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train {s.dropped_unsupervised}, malformed {s.skipped_bad})",
         f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing})",
     ]
+    same = tokenizer.pad_token_id == tokenizer.eos_token_id
+    lines.append(
+        f"  pad token          {tokenizer.pad_token!r}"
+        + (" (= EOS; padding is masked by position, so EOS stays trained)" if same else "")
+    )
     lines += [f"  note: {note}" for note in data.notes]
     return "\n".join(lines)
