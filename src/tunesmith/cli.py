@@ -17,6 +17,8 @@ EPILOG = """examples:
   tunesmith generate runs/sft-lora --prompt "What is 12 plus 30?"
   tunesmith eval runs/sft-lora
   tunesmith merge runs/sft-lora --out runs/sft-lora-merged
+  tunesmith train configs/dpo_lora.yaml model.name=runs/quickstart
+  tunesmith score runs/reward-lora --prompt "What is 2 plus 3?" --response 5 --response 6
 """
 
 
@@ -89,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         help="held-out examples scored by exact match (0 to skip; default 200)",
     )
 
+    sc = sub.add_parser(
+        "score",
+        help="rewards of responses under a reward model",
+        description="Print the reward a trained reward model (a task: reward run folder) gives each response.",
+    )
+    sc.add_argument("model", help="reward run folder or sequence-classification model folder")
+    sc.add_argument("--prompt", required=True, help="the prompt")
+    sc.add_argument(
+        "--response", action="append", required=True, help="a response (repeat for several)"
+    )
+    sc.add_argument(
+        "--raw", action="store_true", help="do not wrap prompt and response in the chat template"
+    )
+
     m = sub.add_parser(
         "merge",
         help="fold a LoRA run into its base model",
@@ -154,6 +170,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
+def _cmd_score(a: argparse.Namespace) -> None:
+    from tunesmith.score import score
+
+    for response, reward in zip(a.response, score(a.model, a.prompt, a.response, a.raw)):
+        print(f"{reward:+.4f}  {response}")
+
+
 def _cmd_merge(a: argparse.Namespace) -> None:
     from tunesmith.merge import merge_run
 
@@ -184,6 +207,7 @@ COMMANDS = {
     "data": _cmd_data,
     "generate": _cmd_generate,
     "eval": _cmd_eval,
+    "score": _cmd_score,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
     "builtin": _cmd_builtin,

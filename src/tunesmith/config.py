@@ -111,17 +111,44 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "cdpo", "ipo", "hinge", "simpo"] = "sigmoid"
+    """``sigmoid`` (DPO), ``cdpo`` (label-smoothed), ``ipo``, ``hinge`` or ``simpo`` (reference-free)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (and the reward scale)."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a preference label is flipped (0 <= e < 0.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO: target reward margin gamma."""
+    reference: Literal["auto", "disable", "cache", "copy"] = "auto"
+    """Reference model: ``disable`` the method (free, not for ``full``), ``cache`` reference
+    log-probs computed once before training, or keep a frozen ``copy``. ``auto``: disable, or cache
+    with ``full``."""
+
+
+@dataclass
+class RewardConfig:
+    margin: float = 0.0
+    """Margin m in -log sigmoid(r_chosen - r_rejected - m)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model (a string is shorthand for ``model.name``)."""
-    task: Literal["sft"] = "sft"
-    """What is learned. ``sft``: supervised fine-tuning on labelled examples."""
+    task: Literal["sft", "reward", "dpo"] = "sft"
+    """What is learned: ``sft`` (imitate examples), ``reward`` (a reward model from preference
+    pairs), ``dpo`` (a policy from preference pairs: DPO and its siblings)."""
     method: Any = None
     """Which weights train: ``full`` or ``lora`` (a string is shorthand for ``method.name``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and loop settings."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Settings of task dpo."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Settings of task reward."""
     output_dir: str = "runs/run"
     """Run folder: resolved config, metrics, checkpoints and the final artifacts."""
 
@@ -304,6 +331,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg.method = from_dict(type(method_config(name)), method, "method")
     _check_data(cfg.data)
     _check_train(cfg.train)
+    _positive("dpo.beta", cfg.dpo.beta)
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(
+            f"dpo.label_smoothing: got {cfg.dpo.label_smoothing}; must be in [0, 0.5)."
+        )
+    if cfg.task == "dpo" and cfg.method.name == "full" and cfg.dpo.reference == "disable":
+        raise ConfigError(
+            "dpo.reference: 'disable' needs a parameter-efficient method; with method full use cache or copy."
+        )
     return cfg
 
 

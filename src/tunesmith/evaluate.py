@@ -30,6 +30,10 @@ def evaluate_target(
         )
     else:
         raise TunesmithError(f"{target}: neither a tunesmith run folder nor a config file.")
+    if cfg.task != "sft":
+        raise TunesmithError(
+            f"tunesmith eval scores sft runs; a {cfg.task} run's held-out metrics are in its metrics.jsonl and report.md."
+        )
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     if not data.eval:
         raise TunesmithError(

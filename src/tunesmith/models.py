@@ -39,6 +39,14 @@ def resolve_model_path(name: str) -> str:
 
         return str(ensure_builtin_model(name.split(":", 1)[1]))
     path = Path(name).expanduser()
+    if is_run_dir(path) and json.loads((path / "run.json").read_text())["artifact"] == "adapter":
+        # Start from a fine-tuned run (e.g. DPO after SFT): its adapter merged into a plain model.
+        merged = path / "merged"
+        if not (merged / "config.json").exists():
+            from tunesmith.merge import merge_run
+
+            merge_run(path, merged)
+        return str(merged)
     if path.exists():
         if not (path / "config.json").exists():
             raise TunesmithError(
@@ -71,9 +79,12 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
     return tok
 
 
-def load_model(mcfg: ModelConfig, device: torch.device, path: str | None = None) -> nn.Module:
-    """A causal LM from safetensors weights, on ``device``."""
-    from transformers import AutoModelForCausalLM
+def load_model(
+    mcfg: ModelConfig, device: torch.device, path: str | None = None, head: str = "lm"
+) -> nn.Module:
+    """A causal LM (``head="lm"``) or a scalar-reward model on its backbone (``head="reward"``:
+    ``AutoModelForSequenceClassification`` with one label), from safetensors, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = path or resolve_model_path(mcfg.name)
     kwargs: dict[str, Any] = {
@@ -84,8 +95,11 @@ def load_model(mcfg: ModelConfig, device: torch.device, path: str | None = None)
     }
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
+    if head == "reward":
+        kwargs["num_labels"] = 1
+    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
     return model.to(device)

@@ -88,7 +88,7 @@ def test_quickstart_end_to_end_reduced(cache, tmp_path, capsys):
 
 
 def test_base_eval_loss_falls_after_training(cache, tmp_path, capsys):
-    cfg = CONFIGS[0]
+    cfg = Path(__file__).parents[2] / "configs" / "sft_lora.yaml"
     assert main(["eval", str(cfg), "model.name=builtin:micro", "--samples", "0"]) == 0
     before = float(
         next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval_loss")).split()[

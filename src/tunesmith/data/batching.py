@@ -57,6 +57,7 @@ class Batch:
     labels: torch.Tensor  # (B, T) shifted targets, IGNORE where unsupervised
     position_ids: torch.Tensor  # (B, T) restarting at every example
     n_tokens: int  # real (non-pad) tokens
+    ref_logps: torch.Tensor | None = None  # (B,) cached reference log-probs, one example per row
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -64,6 +65,7 @@ class Batch:
             self.labels.to(device, non_blocking=True),
             self.position_ids.to(device, non_blocking=True),
             self.n_tokens,
+            None if self.ref_logps is None else self.ref_logps.to(device),
         )
 
     @property
@@ -92,7 +94,12 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
             t += n
         n_tokens += t
         pos[b, t:] = np.arange(width - t)  # padding forms its own block
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_tokens)
+    ref = None
+    if all(len(row) == 1 and examples[row[0]].ref_logp is not None for row in rows):
+        ref = torch.tensor([examples[row[0]].ref_logp for row in rows])
+    return Batch(
+        torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_tokens, ref
+    )
 
 
 class Batches:
@@ -107,21 +114,30 @@ class Batches:
         packing: bool,
         seed: int,
         shuffle: bool = True,
+        pairs: bool = False,
     ) -> None:
+        """With ``pairs``, ``examples`` alternate chosen / rejected and the unit of order and
+        batching is a pair; a batch of B pairs has 2B rows, all chosen first, then all rejected,
+        so both go through the model in one forward pass. Pairs are never packed."""
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_id = pad_id
-        self.packing = packing
+        self.pairs = pairs
+        self.packing = packing and not pairs
         self.seed = seed
         self.shuffle = shuffle
         self.lengths = [len(e) for e in examples]
+        if pairs:  # a pair is as long as its longer side
+            self.lengths = [
+                max(self.lengths[i], self.lengths[i + 1]) for i in range(0, len(examples), 2)
+            ]
         self._plans: dict[int, list[list[Row]]] = {}
 
     def plan(self, epoch: int) -> list[list[Row]]:
         """The batches (lists of rows) of one epoch."""
         if epoch not in self._plans:
-            order = list(range(len(self.examples)))
+            order = list(range(len(self.lengths)))
             if self.shuffle:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             else:  # evaluation: similar lengths together, less padding
@@ -137,6 +153,8 @@ class Batches:
         return self._plans[epoch]
 
     def collate(self, rows: list[Row]) -> Batch:
+        if self.pairs:
+            rows = [[2 * r[0]] for r in rows] + [[2 * r[0] + 1] for r in rows]
         return collate(self.examples, rows, self.pad_id)
 
     def __len__(self) -> int:

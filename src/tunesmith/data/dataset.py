@@ -6,12 +6,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tunesmith.config import DataConfig
 from tunesmith.data.batching import collate
-from tunesmith.data.formats import detect_format, render, resolve_template
+from tunesmith.data.formats import detect_format, render, render_pair, resolve_template
 from tunesmith.data.io import Record, read_records
 from tunesmith.data.tokenize import Example, TokenStats, adds_bos, tokenize_segments
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 
 # End-of-turn markers of common chat templates, besides the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -51,37 +53,69 @@ def split_records(
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def _bad_row(skip: bool, message: str) -> None:
+    if not skip:
+        raise DataError(
+            message + " Fix the record, or set data.skip_bad_rows=true to skip such rows."
+        )
+
+
 def tokenize_records(
     records: list[Record],
     fmt: str,
     cfg: DataConfig,
     tokenizer: Any,
     template: str | None,
-    skip_unsupervised: bool,
+    skip_bad: bool,
 ) -> tuple[list[Example], TokenStats]:
+    """Tokenised examples; a preference record gives two (chosen, rejected), kept adjacent."""
     stats = TokenStats()
-    bos = adds_bos(tokenizer) and fmt != "chat"
+    bos = adds_bos(tokenizer) and fmt not in ("chat", "preference")
     out = []
     for rec in records:
-        segments = render(rec, fmt, tokenizer, template, cfg.loss_on == "all")
-        ex, truncated = tokenize_segments(
-            segments, tokenizer, rec.origin, cfg.max_length, cfg.truncation, bos
-        )
-        stats.truncated += truncated
-        if ex is None:
-            stats.dropped_long += 1
-            continue
-        if ex.n_supervised == 0:
-            if not skip_unsupervised:
-                why = f" after truncation to data.max_length={cfg.max_length}" if truncated else ""
-                raise DataError(
-                    f"{rec.origin}: no supervised tokens{why} (an empty completion or assistant turn?). "
-                    "Fix the record, or set data.skip_bad_rows=true to skip such rows."
-                )
+        if fmt == "preference":
+            sides = render_pair(rec, tokenizer, template)
+        else:
+            sides = (render(rec, fmt, tokenizer, template, cfg.loss_on == "all"),)
+        if fmt == "preference" and any(
+            not "".join(
+                s.content for s in side if isinstance(s.content, str) and s.supervised
+            ).strip()
+            for side in sides
+        ):
             stats.dropped_unsupervised += 1
+            _bad_row(skip_bad, f"{rec.origin}: an empty response in the pair.")
             continue
-        stats.add(ex)
-        out.append(ex)
+        examples = []
+        for segments in sides:
+            ex, truncated = tokenize_segments(
+                segments, tokenizer, rec.origin, cfg.max_length, cfg.truncation, bos
+            )
+            stats.truncated += truncated
+            if ex is None:
+                stats.dropped_long += 1
+                break
+            if ex.n_supervised == 0:
+                stats.dropped_unsupervised += 1
+                why = f" after truncation to data.max_length={cfg.max_length}" if truncated else ""
+                _bad_row(
+                    skip_bad,
+                    f"{rec.origin}: no supervised tokens{why} (an empty completion or assistant turn?).",
+                )
+                break
+            examples.append(ex)
+        if len(examples) != len(sides):
+            continue
+        if fmt == "preference" and np.array_equal(examples[0].input_ids, examples[1].input_ids):
+            stats.dropped_unsupervised += 1
+            _bad_row(
+                skip_bad,
+                f"{rec.origin}: 'chosen' and 'rejected' are identical, so the pair teaches nothing.",
+            )
+            continue
+        for ex in examples:
+            stats.add(ex)
+        out.extend(examples)
     return out, stats
 
 
@@ -119,8 +153,12 @@ def check_padding(examples: list[Example], tokenizer: Any, where: str) -> None:
         )
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
-    """Read, split, render and tokenise the configured data; run the pre-flight check."""
+def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, pairs: bool = False) -> PreparedData:
+    """Read, split, render and tokenise the configured data; run the pre-flight check.
+
+    With ``pairs`` (reward, DPO) the data must be preference pairs; ``train`` and ``eval`` then
+    hold chosen and rejected examples alternately: [c0, r0, c1, r1, ...].
+    """
     records, report = read_records(cfg.train, cfg.split, cfg.skip_bad_rows)
     notes = []
     if report.skipped:
@@ -140,6 +178,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
         notes.append(
             f"format: auto chose '{fmt}' from the fields {sorted(train_records[0].fields)}"
         )
+    if (fmt == "preference") != pairs:
+        want = (
+            "preference pairs (prompt, chosen, rejected)"
+            if pairs
+            else "examples to imitate, not preference pairs"
+        )
+        raise ConfigError(f"data.format: '{fmt}' does not fit this task, which trains on {want}.")
     template = resolve_template(cfg.template, tokenizer)
     train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad = report.skipped

@@ -11,6 +11,9 @@ Formats (``format: auto`` picks by fields):
 - ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; the completion and EOS are supervised.
 - ``alpaca``: ``{"instruction", "input" (optional), "output"}`` in the Alpaca prompt layout.
 - ``text``: ``{"text": ...}``; everything is supervised (plain language modelling).
+- ``preference``: ``{"prompt", "chosen", "rejected"}`` (strings, or lists of chat messages), or the
+  implicit form where ``chosen`` and ``rejected`` are whole conversations sharing a prefix. It
+  renders into two examples whose responses (with their end token) are scored; the prompt is not.
 """
 
 from __future__ import annotations
@@ -51,13 +54,14 @@ ALPACA_NO_INPUT = (
 )
 
 REQUIRED = {
+    "preference": ("chosen", "rejected"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
 # Checked in this order by format: auto.
-DETECT_ORDER = ("chat", "prompt_completion", "alpaca", "text")
+DETECT_ORDER = ("preference", "chat", "prompt_completion", "alpaca", "text")
 
 
 @dataclass
@@ -194,6 +198,76 @@ def render(
         prompt = layout.format(instruction=_text(record, "instruction"), input=inp)
         completion = _text(record, "output")
     return [Segment(prompt, loss_on_all), Segment(completion, True), Segment(eos, True)]
+
+
+def _conversation(record: Record, key: str) -> list[dict]:
+    value = record.fields[key]
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    ):
+        raise DataError(
+            f"{record.origin}: '{key}' must be a string or a list of {{role, content}} messages."
+        )
+    return value
+
+
+def render_response(
+    prompt: str | list[dict],
+    response: str | list[dict],
+    tokenizer: Any,
+    template: str | None,
+    origin: str = "input",
+) -> list[Segment]:
+    """Segments of one prompt + response; only the response (and its end token) is scored.
+
+    Strings are concatenated with EOS appended; message lists go through the chat template.
+    """
+    if isinstance(prompt, str) and isinstance(response, str):
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [Segment(prompt, False), Segment(response, True), Segment(eos, True)]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    if template is None:
+        raise ConfigError(
+            "data.template: the tokenizer has no chat template, so chat data cannot be rendered; set data.template=chatml (or a .jinja file)."
+        )
+    head = tokenizer.apply_chat_template(
+        prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(prompt + response, chat_template=template, tokenize=False)
+    if not full.startswith(head):
+        raise DataError(
+            f"{origin}: the chat template does not render the prompt as a prefix of the conversation; set data.template=chatml."
+        )
+    return [Segment(head, False), Segment(full[len(head) :], True)]
+
+
+def render_pair(
+    record: Record, tokenizer: Any, template: str | None
+) -> tuple[list[Segment], list[Segment]]:
+    """(chosen segments, rejected segments) of a preference record; only responses are scored."""
+    check_fields(record, "preference")
+    f = record.fields
+    prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
+    if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
+        chosen, rejected = _conversation(record, "chosen"), _conversation(record, "rejected")
+        if prompt is None:  # implicit prompt: the conversations' shared prefix
+            k = 0
+            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+                k += 1
+            if k == 0:
+                raise DataError(
+                    f"{record.origin}: no 'prompt', and 'chosen' and 'rejected' share no leading messages to use as one."
+                )
+            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    return (
+        render_response(prompt, chosen, tokenizer, template, record.origin),
+        render_response(prompt, rejected, tokenizer, template, record.origin),
+    )
 
 
 def prompt_and_reference(

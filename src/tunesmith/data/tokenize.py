@@ -24,6 +24,7 @@ class Example:
     input_ids: np.ndarray  # (L,) int64
     labels: np.ndarray  # (L,) int64, already shifted; IGNORE where not supervised
     origin: str
+    ref_logp: float | None = None  # cached reference log-prob (DPO with method full)
 
     def __len__(self) -> int:
         return len(self.input_ids)

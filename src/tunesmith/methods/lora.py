@@ -100,6 +100,7 @@ def _select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and m is not head
+        and n not in ("score", "classifier")  # task heads train whole, never through LoRA
         and not isinstance(m, LoRALinear)
         and ".lora_" not in n
     ]
@@ -142,21 +143,17 @@ class LoRA:
         return named_trainable(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, layer in self.layers.items():
-            out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-            out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
-        return out
+        """Every trainable weight: the LoRA factors, plus any task head trained whole."""
+        return {n: p.detach() for n, p in named_trainable(self.model)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            missing = sorted(expected - set(state))[:3]
+        params = dict(named_trainable(self.model))
+        if set(state) != set(params):
+            missing = sorted(set(params) - set(state))[:3]
             raise ConfigError(f"LoRA weights do not fit this model (missing e.g. {missing}).")
         with torch.no_grad():
-            for name, layer in self.layers.items():
-                layer.lora_A.weight.copy_(state[f"{name}.lora_A.weight"])
-                layer.lora_B.weight.copy_(state[f"{name}.lora_B.weight"])
+            for name, p in params.items():
+                p.copy_(state[name])
 
     def peft_config(self, base_model: str) -> dict:
         c = self.config

@@ -61,3 +61,21 @@ class SFTObjective:
         logits, targets = supervised_logits(model, batch)
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum, {}
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of log p of its supervised tokens (R,), number of them (R,)).
+
+    For preference pairs a row is one response with its prompt: log pi(y | x) = sum_t log pi(y_t | x, y_<t).
+    """
+    logits, targets = supervised_logits(model, batch)  # (N, V), (N,)
+    token_logps = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    )  # (N,)
+    rows = (batch.labels != IGNORE).nonzero()[:, 0]  # (N,) row of each supervised token
+    n_rows = batch.labels.shape[0]
+    sums = torch.zeros(n_rows, device=token_logps.device).index_add(0, rows, token_logps)
+    counts = torch.zeros(n_rows, device=token_logps.device).index_add(
+        0, rows, torch.ones_like(token_logps)
+    )
+    return sums, counts

@@ -8,7 +8,7 @@ from tunesmith.recipes.common import RunResult
 
 def run(cfg: Config, resume: bool = False) -> RunResult:
     """Run the recipe of ``cfg.task``."""
-    from tunesmith.recipes import sft
+    from tunesmith.recipes import dpo, reward, sft
 
-    recipes = {"sft": sft.run}
+    recipes = {"sft": sft.run, "reward": reward.run, "dpo": dpo.run}
     return recipes[cfg.task](cfg, resume=resume)

@@ -60,22 +60,29 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum))
 
 
+def _add(total: dict[str, float], part: dict[str, float]) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+
+
 def accumulate_gradients(
     model: nn.Module, objective: Objective, micro: list[Batch], device: torch.device, precision: str
-) -> float:
-    """Backward over one step's micro-batches; return the step's mean loss.
+) -> tuple[float, dict[str, float]]:
+    """Backward over one step's micro-batches; return the step's mean loss and mean metrics.
 
     Each micro-batch's summed loss is divided by the count of the *whole* step, so the gradient
-    is that of one big batch whatever the split into micro-batches.
+    is that of one big batch whatever the split into micro-batches. Objectives report metrics as
+    sums over their rows; they are averaged by the same count.
     """
     count = max(sum(objective.count(b) for b in micro), 1)
-    loss_sum = 0.0
+    loss_sum, metrics = 0.0, {}
     for batch in micro:
         with autocast(device, precision):
-            part, _ = objective(model, batch.to(device))
+            part, m = objective(model, batch.to(device))
         (part / count).backward()
         loss_sum += float(part.detach())
-    return loss_sum / count
+        _add(metrics, m)
+    return loss_sum / count, {k: v / count for k, v in metrics.items()}
 
 
 @torch.no_grad()
@@ -87,21 +94,26 @@ def evaluate(
     precision: str,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Mean loss per counted unit over the held-out batches (and perplexity for token losses)."""
+    """Mean loss and metrics per counted unit over the held-out batches (plus perplexity for
+    token losses)."""
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
+    loss_sum, count, metrics = 0.0, 0, {}
     for k, rows in enumerate(batches.plan(0)):
         if max_batches is not None and k >= max_batches:
             break
         batch = batches.collate(rows).to(device)
         with autocast(device, precision):
-            loss, _ = objective(model, batch)
+            loss, m = objective(model, batch)
         loss_sum += float(loss)
         count += objective.count(batch)
+        _add(metrics, m)
     model.train(was_training)
     mean = loss_sum / max(count, 1)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+    out = {"eval_loss": mean, **{f"eval_{k}": v / max(count, 1) for k, v in metrics.items()}}
+    if not metrics:  # token-level cross-entropy: perplexity is meaningful
+        out["eval_ppl"] = math.exp(min(mean, 50.0))
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -159,9 +171,16 @@ def train_loop(
         )
 
     t_mark = t_start
+    if evals is not None and cfg.eval_every and state["step"] == 0:
+        log.write(
+            {
+                "step": 0,
+                **evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches),
+            }
+        )
     for step in range(state["step"], steps):
         micro = [next(stream) for _ in range(cfg.grad_accum)]
-        loss = accumulate_gradients(model, objective, micro, device, cfg.precision)
+        loss, step_metrics = accumulate_gradients(model, objective, micro, device, cfg.precision)
         state["tokens"] += sum(b.n_tokens for b in micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         opt.step()
@@ -176,6 +195,7 @@ def train_loop(
             "step": done,
             "epoch": round(train.epoch_of(state["micro_batches"] - 1), 4),
             "loss": loss,
+            **step_metrics,
             "lr": sched.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "tokens": state["tokens"],
@@ -191,6 +211,7 @@ def train_loop(
             log.write(record)
         bar.set_postfix(
             loss=f"{loss:.4f}",
+            **({"acc": f"{step_metrics['accuracy']:.2f}"} if "accuracy" in step_metrics else {}),
             tok_s=f"{tok_s:,.0f}",
             **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
         )

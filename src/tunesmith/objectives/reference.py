@@ -1,0 +1,75 @@
+"""Reference log-probabilities computed once and cached on disk (for DPO with ``full``).
+
+With full fine-tuning there is no frozen base to switch back to, so instead of keeping a second
+model in memory, ``log ref(y|x)`` of every response is computed before training and stored at
+``<cache>/reference/<key>.safetensors``. The key hashes the model's identity (path, config,
+weight files' sizes and times) and the tokenised data, so a change to either recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunesmith.builtin.model import cache_root
+from tunesmith.config import Config
+from tunesmith.data.batching import Batches
+from tunesmith.data.tokenize import Example
+from tunesmith.objectives.sft import sequence_logps
+from tunesmith.training.loop import autocast
+
+
+def cache_key(model: nn.Module, examples: list[Example], cfg: Config) -> str:
+    h = hashlib.sha256()
+    source = Path(str(getattr(model.config, "_name_or_path", cfg.model.name)))
+    h.update(f"{source}|{cfg.model.dtype}|{cfg.model.revision}".encode())
+    if source.is_dir():
+        for f in sorted(source.glob("*.json")) + sorted(source.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for ex in examples:
+        h.update(ex.input_ids.tobytes())
+        h.update(ex.labels.tobytes())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: nn.Module, examples: list[Example], batch_size: int, device: torch.device, precision: str
+) -> np.ndarray:
+    """log ref(y|x) of every example (summed over its scored tokens), in example order."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros(len(examples), dtype=np.float32)
+    batches = Batches(examples, batch_size, 0, 0, packing=False, seed=0, shuffle=False)
+    for rows in batches.plan(0):
+        with autocast(device, precision):
+            logps, _ = sequence_logps(model, batches.collate(rows).to(device))
+        out[[r[0] for r in rows]] = logps.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def cached_reference_logps(
+    model: nn.Module, examples: list[Example], cfg: Config, device: torch.device
+) -> Path:
+    """Attach ``ref_logp`` to every example, from the cache or computed now; return the file."""
+    path = cache_root() / "reference" / f"{cache_key(model, examples, cfg)}.safetensors"
+    if path.exists():
+        values = load_file(str(path))["logps"].numpy()
+    else:
+        values = compute_reference_logps(
+            model, examples, cfg.train.batch_size, device, cfg.train.precision
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"logps": torch.from_numpy(values)}, str(tmp))
+        tmp.replace(path)
+    for ex, v in zip(examples, values):
+        ex.ref_logp = float(v)
+    return path

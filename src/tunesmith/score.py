@@ -1,0 +1,46 @@
+"""``tunesmith score``: rewards of responses under a trained reward model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunesmith.data.batching import collate
+from tunesmith.data.formats import render_response
+from tunesmith.data.tokenize import tokenize_segments
+from tunesmith.errors import TunesmithError
+
+
+@torch.no_grad()
+def score(model_dir: str, prompt: str, responses: list[str], raw: bool = False) -> list[float]:
+    """Reward of each response to ``prompt``, rendered exactly as in reward training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").exists():
+        raise TunesmithError(
+            f"{model_dir}: not a model folder (a reward run folder holds the whole model)."
+        )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    if model.config.num_labels != 1:
+        raise TunesmithError(
+            f"{model_dir}: a reward model has one output, this one has {model.config.num_labels}."
+        )
+    template = None if raw else tok.chat_template
+    chat = template is not None
+    examples = []
+    for r in responses:
+        segs = render_response(
+            [{"role": "user", "content": prompt}] if chat else prompt, r, tok, template
+        )
+        ex, _ = tokenize_segments(segs, tok, "input", 1 << 30, "truncate", False)
+        examples.append(ex)
+    batch = collate(examples, [[i] for i in range(len(examples))], tok.pad_token_id)
+    mask = torch.from_numpy(
+        np.stack(
+            [np.pad(np.ones(len(e)), (0, batch.input_ids.shape[1] - len(e))) for e in examples]
+        )
+    ).long()
+    return model(input_ids=batch.input_ids, attention_mask=mask).logits[:, 0].tolist()

@@ -1,0 +1,183 @@
+"""Preference learning: each loss against a hand computation, TRL parity, references, reward head."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import write_jsonl
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tunesmith.builtin.tokenizer import build_tokenizer
+from tunesmith.config import DataConfig, load_config
+from tunesmith.data.batching import Batches
+from tunesmith.data.dataset import prepare_data
+from tunesmith.errors import DataError
+from tunesmith.methods import build_method, method_config
+from tunesmith.objectives.dpo import LOSSES, DPOObjective, PairLogps
+from tunesmith.objectives.reference import cached_reference_logps, compute_reference_logps
+from tunesmith.objectives.reward import rewards
+from tunesmith.objectives.sft import sequence_logps
+
+PAIRS = [
+    {"prompt": "Q: 2+2=", "chosen": " 4", "rejected": " 5"},
+    {"prompt": "Q: 3+5=", "chosen": " 8", "rejected": " 9 or so"},
+    {"prompt": "Q: 1+1=", "chosen": " 2", "rejected": " 11"},
+    {"prompt": "Q: 7+0=", "chosen": " 7", "rejected": " 0"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def pair_data(tok, tmp_path, rows=PAIRS, **kw):
+    return prepare_data(
+        DataConfig(train=str(write_jsonl(tmp_path / "p.jsonl", rows)), eval=None, **kw),
+        tok,
+        0,
+        pairs=True,
+    )
+
+
+def one_batch(data, tok):
+    b = Batches(data.train, len(data.train) // 2, 64, tok.pad_token_id, False, 0, pairs=True)
+    return b.collate(b.plan(0)[0])
+
+
+def test_losses_against_hand_computation():
+    cfg = load_config({"dpo": {"beta": 0.5, "label_smoothing": 0.2, "simpo_gamma": 0.3}}).dpo
+    p = PairLogps(
+        chosen=torch.tensor([-4.0]),
+        rejected=torch.tensor([-6.0]),
+        ref_chosen=torch.tensor([-5.0]),
+        ref_rejected=torch.tensor([-5.5]),
+        chosen_tokens=torch.tensor([2.0]),
+        rejected_tokens=torch.tensor([4.0]),
+    )
+    h = (-4 + 5) - (-6 + 5.5)  # 1.5
+    h_avg = (-4 / 2 + 5 / 2) - (-6 / 4 + 5.5 / 4)  # 0.625
+    ls = lambda z: math.log(1 / (1 + math.exp(-z)))  # noqa: E731  log sigmoid
+    expected = {
+        "sigmoid": -ls(0.5 * h),
+        "cdpo": -0.8 * ls(0.5 * h) - 0.2 * ls(-0.5 * h),
+        "ipo": (h_avg - 1 / (2 * 0.5)) ** 2,
+        "hinge": max(0.0, 1 - 0.5 * h),
+        "simpo": -ls(0.5 * (-4 / 2 - (-6 / 4)) - 0.3),
+    }
+    assert set(LOSSES) == set(expected)
+    for name, value in expected.items():
+        assert float(LOSSES[name](p, cfg)) == pytest.approx(value, rel=1e-6), name
+
+
+def test_dpo_loss_and_gradients_equal_trl(llama, tmp_path, tok):
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    beta = 0.1
+    policy = AutoModelForCausalLM.from_pretrained(llama)
+    trl_policy = copy.deepcopy(policy)
+    trainer = DPOTrainer(
+        model=trl_policy,
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            per_device_train_batch_size=4,
+            beta=beta,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+        ),
+        train_dataset=datasets.Dataset.from_list(PAIRS),
+        processing_class=tok,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+
+    data = pair_data(tok, tmp_path)
+    frozen = copy.deepcopy(policy).eval()
+    objective = DPOObjective(
+        load_config({"dpo": {"beta": beta}}).dpo, lambda m, b: sequence_logps(frozen, b)[0]
+    )
+    b = one_batch(data, tok)
+    loss_sum, _ = objective(policy, b)
+    loss = loss_sum / objective.count(b)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(trl_loss.detach()), abs=1e-4)
+    for (name, p), (_, q) in zip(policy.named_parameters(), trl_policy.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_disabled_method_reference_equals_base(llama, tmp_path, tok):
+    b = one_batch(pair_data(tok, tmp_path), tok)
+    base = sequence_logps(AutoModelForCausalLM.from_pretrained(llama), b)[0]
+    method = build_method(method_config("lora", rank=4))
+    model = method.apply(AutoModelForCausalLM.from_pretrained(llama))
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    assert not torch.allclose(sequence_logps(model, b)[0], base)
+    with method.disable():
+        torch.testing.assert_close(sequence_logps(model, b)[0], base)
+
+
+def test_cached_reference_equals_recomputed(llama, tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    cfg = load_config({"model": str(llama), "method": "full"})
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    data = pair_data(tok, tmp_path)
+    path = cached_reference_logps(model, data.train, cfg, torch.device("cpu"))
+    first = [ex.ref_logp for ex in data.train]
+    for ex in data.train:
+        ex.ref_logp = None
+    assert (
+        cached_reference_logps(model, data.train, cfg, torch.device("cpu")) == path
+    )  # a cache hit
+    fresh = compute_reference_logps(model, data.train, 3, torch.device("cpu"), "fp32")
+    assert [ex.ref_logp for ex in data.train] == pytest.approx(first)
+    assert first == pytest.approx(fresh.tolist(), rel=1e-5)
+    b = one_batch(data, tok)
+    torch.testing.assert_close(
+        b.ref_logps, sequence_logps(model, b)[0].detach(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_reward_head_shape_and_hf_loading(llama, tmp_path, tok):
+    model = AutoModelForSequenceClassification.from_pretrained(llama, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    b = one_batch(pair_data(tok, tmp_path), tok)
+    r = rewards(model, b)
+    assert r.shape == (8,)
+    model.save_pretrained(tmp_path / "rm")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    hf = loaded(
+        input_ids=b.input_ids, attention_mask=(b.input_ids != tok.pad_token_id).long()
+    ).logits[:, 0]
+    torch.testing.assert_close(hf, r.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_pair_checks(tmp_path, tok):
+    with pytest.raises(DataError, match="p.jsonl:1: 'chosen' and 'rejected' are identical"):
+        pair_data(tok, tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "b"}])
+    with pytest.raises(DataError, match="p.jsonl:1: an empty response"):
+        pair_data(tok, tmp_path, [{"prompt": "a", "chosen": " ", "rejected": "b"}])
+    data = pair_data(
+        tok, tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "b"}, *PAIRS], skip_bad_rows=True
+    )
+    assert len(data.train) == 2 * len(PAIRS) and data.stats.dropped_unsupervised == 1
+
+
+def test_implicit_prompt_from_shared_prefix(tmp_path, tok):
+    convo = [{"role": "user", "content": "hi"}]
+    rows = [
+        {
+            "chosen": convo + [{"role": "assistant", "content": "hello"}],
+            "rejected": convo + [{"role": "assistant", "content": "go away"}],
+        }
+    ]
+    data = pair_data(tok, tmp_path, rows)
+    from tunesmith.data.preview import mark_supervised
+
+    assert mark_supervised(data.train[0], tok) == "User: hi\nAssistant: [[hello</s>\n]]"
+    assert mark_supervised(data.train[1], tok) == "User: hi\nAssistant: [[go away</s>\n]]"
