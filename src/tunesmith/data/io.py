@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ class ReadReport:
 
     skipped: int = 0
     first_problem: str | None = None
-    reasons: list[str] = field(default_factory=list)
 
     def skip(self, message: str) -> None:
         self.skipped += 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,11 +79,3 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
