@@ -119,3 +119,14 @@ def base_config(model: Path, data: Path, out: Path, **train) -> dict:
         "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, **train},
         "output_dir": str(out),
     }
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> str:
+    """builtin:micro, built once per test session into a private cache (a few seconds)."""
+    import os
+
+    from tunesmith.builtin.model import ensure_builtin_model
+
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return str(ensure_builtin_model("micro"))

@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunesmith
-from tunesmith.builtin.model import SPECS, build_model, ensure_builtin_model
+from tunesmith.builtin.model import SPECS, build_model
 from tunesmith.builtin.tasks import TASKS, all_facts, arith_reward, fact_split, task_records
 from tunesmith.cli import main
 from tunesmith.errors import DataError
@@ -16,14 +16,9 @@ from tunesmith.errors import DataError
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache with builtin:micro built once for this module."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TUNESMITH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ensure_builtin_model("micro")
-    yield
-    mp.undo()
+@pytest.fixture
+def cache(micro):
+    """builtin:micro in the session's private cache."""
 
 
 def test_build_is_deterministic(tmp_path):

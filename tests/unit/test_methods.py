@@ -23,7 +23,31 @@ def perturb(method):
 
 
 def test_registry_has_core_methods():
-    assert {"full", "lora"} <= set(METHODS)
+    assert {"full", "lora", "adapter"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter"])
+def test_identity_at_initialisation(tiny_model, name):
+    x = torch.randint(6, 90, (2, 10), generator=torch.Generator().manual_seed(3))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(x).logits
+    model, method = fresh(tiny_model, name)
+    assert torch.equal(model(x).logits, base)
+    assert method.trainable_parameters()
+
+
+@pytest.mark.parametrize("placement, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+def test_adapter_placement(llama, placement, per_layer):
+    torch.manual_seed(0)
+    method = build_method(method_config("adapter", placement=placement, bottleneck=4))
+    method.apply(AutoModelForCausalLM.from_pretrained(llama))
+    assert len(method.wrapped) == 2 * per_layer  # two decoder layers
+    assert all(n.endswith(("mlp", "self_attn")) for n in method.wrapped)
+
+
+def test_adapter_cannot_merge(llama):
+    _, method = fresh(llama, "adapter")
+    with pytest.raises(TunesmithError, match="cannot be folded"):
+        method.merge()
 
 
 @pytest.mark.parametrize("name", METHODS)

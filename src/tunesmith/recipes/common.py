@@ -196,8 +196,15 @@ def save_artifacts(
         method.save(out, base_path)
         artifact = "model" if cfg.method.name == "full" else "adapter"
     else:
-        method.merge().save_pretrained(out, safe_serialization=True)
-        artifact = "model"
+        try:
+            method.merge().save_pretrained(out, safe_serialization=True)
+            artifact = "model"
+        except TunesmithError as e:  # a method that cannot be folded in: keep its own layout
+            say(
+                f"{e} Saving the {cfg.method.name} weights and the head in the method's layout instead."
+            )
+            method.save(out, base_path)
+            artifact = "adapter"
     if template:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out)

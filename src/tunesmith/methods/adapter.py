@@ -1,0 +1,185 @@
+"""Bottleneck adapters (Houlsby et al. 2019, arXiv 1902.00751; Pfeiffer et al. 2021, arXiv 2005.00247).
+
+A small residual block is inserted after a sublayer's output h (before the layer's own residual
+addition):
+
+    h' = h + W_up f(W_down h),   W_down: (m, d), W_up: (d, m), m << d
+
+with f a non-linearity and W_up zero at initialisation, so the adapted model starts equal to the
+base. ``placement: houlsby`` puts one after the attention block and one after the feed-forward
+block of every layer; ``pfeiffer`` only after the feed-forward block. The base stays frozen.
+
+The block is non-linear, so it cannot be folded into the base weights (``merge`` refuses).
+
+Artifact layout (PEFT has no bottleneck adapters; this keeps the same shape under its own file
+names, so PEFT and transformers do not mistake it for a PEFT adapter):
+``bottleneck_config.json`` = ``{"tunesmith_method": "adapter", "placement", "bottleneck",
+"activation", "base_model_name_or_path", "targets": [wrapped module names]}`` and
+``bottleneck_model.safetensors`` with keys ``<wrapped module>.adapter.down.weight`` / ``.up.weight``
+(and biases), e.g. ``model.layers.0.mlp.adapter.up.weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.methods.base import freeze, named_trainable, register, toggled
+
+CONFIG, WEIGHTS = "bottleneck_config.json", "bottleneck_model.safetensors"
+ATTENTION = ("self_attn", "attention", "attn")
+FEED_FORWARD = ("mlp", "feed_forward", "ffn")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+@dataclass
+class AdapterConfig:
+    name: ClassVar[str] = "adapter"
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """``houlsby``: after attention and feed-forward blocks; ``pfeiffer``: after feed-forward only."""
+    bottleneck: int | None = None
+    """Bottleneck size m; null derives it from ``reduction``."""
+    reduction: float = 16.0
+    """m = hidden size / reduction, when ``bottleneck`` is null."""
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    """The non-linearity f."""
+
+    def check(self, prefix: str) -> None:
+        if self.bottleneck is not None and self.bottleneck < 1:
+            raise ConfigError(f"{prefix}.bottleneck: got {self.bottleneck}; must be >= 1.")
+        if self.reduction <= 0:
+            raise ConfigError(f"{prefix}.reduction: got {self.reduction}; must be > 0.")
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, hidden: int, size: int, activation: str, device: torch.device) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, size, device=device)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(size, hidden, device=device)
+        nn.init.zeros_(self.up.weight)  # the adapted model starts as the base
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.down.weight
+        return h + self.up(self.act(self.down(h.to(w.dtype)))).to(h.dtype)  # (..., d)
+
+
+class WithAdapter(nn.Module):
+    """A sublayer whose output (or the first element of its output tuple) passes an adapter."""
+
+    def __init__(self, module: nn.Module, adapter: Bottleneck) -> None:
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+        self.enabled = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        if not self.enabled:
+            return out
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]), *out[1:])
+        return self.adapter(out)
+
+
+def _find_sublayers(model: nn.Module, placement: str) -> list[str]:
+    """Names of the attention / feed-forward blocks of every decoder layer."""
+    leaves = FEED_FORWARD if placement == "pfeiffer" else FEED_FORWARD + ATTENTION
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for i, layer in enumerate(module):
+                names += [
+                    f"{name}.{i}.{leaf}"
+                    for leaf in leaves
+                    if isinstance(getattr(layer, leaf, None), nn.Module)
+                ]
+    if not names:
+        raise ConfigError(
+            "method: found no decoder layers with attention / mlp blocks to put adapters after."
+        )
+    return names
+
+
+class Adapter:
+    name: ClassVar[str] = "adapter"
+
+    def __init__(self, config: AdapterConfig) -> None:
+        self.config = config
+        self.model: nn.Module | None = None
+        self.wrapped: dict[str, WithAdapter] = {}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze(model)
+        c = self.config
+        hidden = model.config.get_text_config().hidden_size
+        size = c.bottleneck or max(1, round(hidden / c.reduction))
+        device = next(model.parameters()).device
+        for name in _find_sublayers(model, c.placement):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapper = WithAdapter(
+                getattr(parent, child), Bottleneck(hidden, size, c.activation, device)
+            )
+            setattr(parent, child, wrapper)
+            self.wrapped[name] = wrapper
+        self.model = model
+        return model
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return named_trainable(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in named_trainable(self.model)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(named_trainable(self.model))
+        if set(state) != set(params):
+            missing = sorted(set(params) ^ set(state))[:3]
+            raise ConfigError(f"adapter weights do not fit this model (e.g. {missing}).")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+
+    def save(self, directory: str | Path, base_model: str) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            n: v.contiguous() for n, v in self.state_dict().items()
+        }  # model.layers.0.mlp.adapter.up.weight
+        save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+        c = self.config
+        size = next(iter(self.wrapped.values())).adapter.down.out_features
+        meta = {
+            "tunesmith_method": "adapter",
+            "placement": c.placement,
+            "bottleneck": size,
+            "activation": c.activation,
+            "base_model_name_or_path": base_model,
+            "targets": sorted(self.wrapped),
+        }
+        (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+
+    def load(self, directory: str | Path) -> None:
+        self.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+
+    def disable(self) -> contextlib.AbstractContextManager[None]:
+        return toggled(list(self.wrapped.values()), "enabled", False)
+
+    def merge(self) -> nn.Module:
+        raise TunesmithError(
+            "method 'adapter' adds a non-linear block after each sublayer, so it cannot be folded into "
+            "the base weights; load the run folder itself (tunesmith generate RUN) instead."
+        )
+
+
+register(AdapterConfig, Adapter)
