@@ -18,6 +18,7 @@ EPILOG = """examples:
   tunesmith eval runs/sft-lora
   tunesmith merge runs/sft-lora --out runs/sft-lora-merged
   tunesmith train configs/dpo_lora.yaml model.name=runs/quickstart
+  tunesmith compare configs/sft_lora.yaml --methods full,lora,adapter output_dir=runs/bakeoff
   tunesmith score runs/reward-lora --prompt "What is 2 plus 3?" --response 5 --response 6
 """
 
@@ -89,6 +90,33 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=200,
         help="held-out examples scored by exact match (0 to skip; default 200)",
+    )
+
+    cp = sub.add_parser(
+        "compare",
+        help="train the same task once per method and compare",
+        description="Train the config's task once per method (same data, settings, step budget) and write a comparison: trainable parameters, peak memory, tokens/s, wall time, eval loss, exact match, artifact size.",
+    )
+    cp.add_argument("config", help="YAML config file (its output_dir receives one run per method)")
+    cp.add_argument("overrides", nargs="*", help="dotted overrides of the config")
+    cp.add_argument(
+        "--methods",
+        default="full,lora,adapter",
+        help="comma-separated methods (default full,lora,adapter)",
+    )
+    cp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="options",
+        metavar="METHOD.KEY=VALUE",
+        help="a setting for one method, e.g. lora.rank=4 (repeatable)",
+    )
+    cp.add_argument(
+        "--samples",
+        type=int,
+        default=200,
+        help="held-out examples scored by exact match (default 200)",
     )
 
     sc = sub.add_parser(
@@ -170,6 +198,18 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
+def _cmd_compare(a: argparse.Namespace) -> None:
+    from tunesmith.compare import compare
+
+    compare(
+        a.config,
+        [m.strip() for m in a.methods.split(",") if m.strip()],
+        a.overrides,
+        a.options,
+        a.samples,
+    )
+
+
 def _cmd_score(a: argparse.Namespace) -> None:
     from tunesmith.score import score
 
@@ -207,6 +247,7 @@ COMMANDS = {
     "data": _cmd_data,
     "generate": _cmd_generate,
     "eval": _cmd_eval,
+    "compare": _cmd_compare,
     "score": _cmd_score,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,

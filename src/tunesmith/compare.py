@@ -1,0 +1,160 @@
+"""``tunesmith compare``: the same task, data and step budget once per method, side by side.
+
+Each method trains in its own process (so its peak memory is its own) into
+``<output_dir>/<method>``; the comparison (Markdown table, PNG chart) is written to
+``<output_dir>/compare.md`` and ``compare.png`` and summarised in the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.methods import method_names
+from tunesmith.recipes.common import say
+
+ARTIFACTS = ("*.safetensors",)
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("trainable", "trainable_params", "{:,}"),
+    ("% of model", "trainable_pct", "{:.2f}%"),
+    ("peak MB", "peak_memory_mb", "{:,.0f}"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("wall s", "train_seconds", "{:.1f}"),
+    ("eval loss", "eval_loss", "{:.4f}"),
+    ("exact match", "exact_match", "{:.1%}"),
+    ("artifact MB", "artifact_mb", "{:.2f}"),
+)
+
+
+def _method_settings(name: str, base: dict[str, Any], options: Sequence[str]) -> dict[str, Any]:
+    """The config's own settings when it names this method, plus ``name.key=value`` options."""
+    settings: dict[str, Any] = dict(base) if base.get("name") == name else {"name": name}
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if "." not in key or "=" not in opt:
+            raise ConfigError(f"--set {opt}: expected METHOD.KEY=VALUE, e.g. lora.rank=4.")
+        method, field = key.split(".", 1)
+        if method == name:
+            settings[field] = yaml.safe_load(value)
+    return settings
+
+
+def _artifact_mb(run: Path) -> float:
+    return sum(f.stat().st_size for pattern in ARTIFACTS for f in run.glob(pattern)) / 2**20
+
+
+def compare(
+    config: str,
+    methods: Sequence[str],
+    overrides: Sequence[str] = (),
+    options: Sequence[str] = (),
+    samples: int = 200,
+) -> list[dict[str, Any]]:
+    """Train once per method and return one row of measurements per method."""
+    from tunesmith.evaluate import evaluate_target
+
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ConfigError(
+            f"--methods: unknown {', '.join(unknown)}; available: {', '.join(method_names())}."
+        )
+    cfg = load_config(config, overrides)
+    raw = cfg.to_dict()
+    root = Path(cfg.output_dir)
+    if root.exists() and any(root.iterdir()):
+        raise TunesmithError(
+            f"output_dir: {root} is not empty; choose a new folder for the comparison (output_dir=...)."
+        )
+    rows = []
+    for name in methods:
+        run = root / name
+        spec = {
+            **raw,
+            "method": _method_settings(name, raw["method"], options),
+            "output_dir": str(run),
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        cfg_path = root / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        say(f"[{len(rows) + 1}/{len(methods)}] {name}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunesmith.cli", "train", str(cfg_path)], env=os.environ.copy()
+        )
+        if proc.returncode != 0:
+            raise TunesmithError(
+                f"compare: the {name} run failed (see above); its config is {cfg_path}."
+            )
+        info = json.loads((run / "run.json").read_text())
+        row = {
+            "method": name,
+            **{
+                k: info.get(k)
+                for k in (
+                    "trainable_params",
+                    "total_params",
+                    "peak_memory_mb",
+                    "tokens_per_s",
+                    "train_seconds",
+                    "eval_loss",
+                )
+            },
+        }
+        row["trainable_pct"] = 100 * info["trainable_params"] / info["total_params"]
+        row["artifact_mb"] = _artifact_mb(run)
+        if cfg.task == "sft" and samples:
+            row["exact_match"] = evaluate_target(str(run), samples=samples).get("exact_match")
+        rows.append(row)
+    write_comparison(root, rows, cfg.task)
+    return rows
+
+
+def _cell(fmt: str, value: Any) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def write_comparison(root: Path, rows: list[dict[str, Any]], task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|" + " --- |" * len(COLUMNS)
+    body = "\n".join(
+        "| " + " | ".join(_cell(fmt, r.get(key)) for _, key, fmt in COLUMNS) + " |" for r in rows
+    )
+    (root / "compare.md").write_text(
+        f"# tunesmith compare: {task}\n\nSame data, settings and step budget for every method.\n\n{header}\n{body}\n\n![comparison](compare.png)\n"
+    )
+    width = max(len(c[0]) for c in COLUMNS) + 2
+    lines = ["".join(f"{c[0]:>{width}}" for c in COLUMNS)]
+    lines += [
+        "".join(f"{_cell(fmt, r.get(key)):>{width}}" for _, key, fmt in COLUMNS) for r in rows
+    ]
+    print("\n".join(lines))
+    print(f"report: {root / 'compare.md'}, chart: {root / 'compare.png'}")
+    names = [r["method"] for r in rows]
+    panels = [
+        ("trainable_pct", "% of parameters trained"),
+        ("eval_loss", "held-out loss"),
+        ("exact_match", "held-out exact match"),
+        ("tokens_per_s", "tokens / s"),
+    ]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=110)
+    for ax, (key, title) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+        ax.bar(names, [r.get(key) or 0 for r in rows], color="#4c72b0")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(root / "compare.png")
+    plt.close(fig)
