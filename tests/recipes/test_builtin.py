@@ -124,10 +124,27 @@ def test_compare_methods(cache, tmp_path, capsys):
 
     cfg = Path(__file__).parents[2] / "configs" / "sft_lora.yaml"
     out = tmp_path / "cmp"
-    rows = compare(str(cfg), ["lora", "adapter"], ["model.name=builtin:micro", "train.max_steps=3", "train.save_every=null", "train.progress=false", f"output_dir={out}"], ["lora.rank=2"], samples=8)
+    rows = compare(
+        str(cfg),
+        ["lora", "adapter"],
+        [
+            "model.name=builtin:micro",
+            "train.max_steps=3",
+            "train.save_every=null",
+            "train.progress=false",
+            f"output_dir={out}",
+        ],
+        ["lora.rank=2"],
+        samples=8,
+    )
     assert [r["method"] for r in rows] == ["lora", "adapter"]
-    assert all(r["trainable_params"] > 0 and r["artifact_mb"] > 0 and r["exact_match"] is not None for r in rows)
+    assert all(
+        r["trainable_params"] > 0 and r["artifact_mb"] > 0 and r["exact_match"] is not None
+        for r in rows
+    )
     lora = yaml.safe_load((out / "lora.yaml").read_text())["method"]
     assert lora["rank"] == 2 and lora["name"] == "lora"
-    assert "| lora |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
+    assert (
+        "| lora |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
+    )
     assert "exact match" in capsys.readouterr().out
