@@ -32,7 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.methods.base import freeze, named_trainable, register, toggled
+from tunesmith.methods.base import (
+    freeze,
+    load_trainable_state,
+    named_trainable,
+    register,
+    toggled,
+    trainable_state,
+)
 
 CONFIG, WEIGHTS = "bottleneck_config.json", "bottleneck_model.safetensors"
 ATTENTION = ("self_attn", "attention", "attn")
@@ -139,16 +146,11 @@ class Adapter:
         return named_trainable(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in named_trainable(self.model)}
+        """Every trainable weight: the method's own, plus any task head trained whole."""
+        return trainable_state(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(named_trainable(self.model))
-        if set(state) != set(params):
-            missing = sorted(set(params) ^ set(state))[:3]
-            raise ConfigError(f"adapter weights do not fit this model (e.g. {missing}).")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name])
+        load_trainable_state(self.model, state, "adapter")
 
     def save(self, directory: str | Path, base_model: str) -> None:
         directory = Path(directory)

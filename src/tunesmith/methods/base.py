@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tunesmith.errors import TunesmithError
+
 
 @runtime_checkable
 class Method(Protocol):
@@ -78,6 +80,22 @@ def freeze(model: nn.Module) -> None:
 
 def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable weight by parameter name: a method's own weights plus any head trained whole."""
+    return {n: p.detach() for n, p in named_trainable(model)}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Inverse of :func:`trainable_state`; the names must match exactly."""
+    params = dict(named_trainable(model))
+    if set(state) != set(params):
+        differ = sorted(set(params) ^ set(state))[:3]
+        raise TunesmithError(f"{what} weights do not fit this model (e.g. {differ}).")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.base import named_trainable, register
+from tunesmith.methods.base import load_trainable_state, named_trainable, register, trainable_state
 
 
 @dataclass
@@ -43,13 +43,10 @@ class Full:
         return named_trainable(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+        return trainable_state(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
+        load_trainable_state(self.model, state, "full")
 
     def save(self, directory: str | Path, base_model: str) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)

@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import freeze, named_trainable, register, toggled
+from tunesmith.methods.base import (
+    freeze,
+    load_trainable_state,
+    named_trainable,
+    register,
+    toggled,
+    trainable_state,
+)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -143,17 +150,11 @@ class LoRA:
         return named_trainable(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable weight: the LoRA factors, plus any task head trained whole."""
-        return {n: p.detach() for n, p in named_trainable(self.model)}
+        """Every trainable weight: the method's own, plus any task head trained whole."""
+        return trainable_state(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(named_trainable(self.model))
-        if set(state) != set(params):
-            missing = sorted(set(params) - set(state))[:3]
-            raise ConfigError(f"LoRA weights do not fit this model (missing e.g. {missing}).")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name])
+        load_trainable_state(self.model, state, "LoRA")
 
     def peft_config(self, base_model: str) -> dict:
         c = self.config
