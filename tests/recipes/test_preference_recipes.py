@@ -137,3 +137,15 @@ def test_dpo_refuses_sft_data(cache, tmp_path, llama):
                 "output_dir": str(tmp_path / "x"),
             }
         )
+
+
+def test_data_preview_shows_pairs(cache, tmp_path, micro, pairs, capsys):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"model": micro, "task": "dpo", "data": {"train": str(pairs), "eval": None}})
+    )
+    assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- chosen: " in out and "--- rejected: " in out and "[[ 0</s>]]" in out

@@ -32,15 +32,18 @@ def mark_supervised(ex: Example, tokenizer: Any) -> str:
 
 def preview(cfg: Config, n: int = 3) -> str:
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name))
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    pairs = cfg.task in ("reward", "dpo")
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, pairs=pairs)
     s = data.stats
     lines = [
         f"data: {cfg.data.train} (format {data.format}); trained tokens are marked {OPEN}like this{CLOSE}",
         "",
     ]
-    for ex in data.train[:n]:
+    shown = data.train[: 2 * n] if pairs else data.train[:n]
+    for k, ex in enumerate(shown):
+        side = ("chosen: " if k % 2 == 0 else "rejected: ") if pairs else ""
         lines += [
-            f"--- {ex.origin} ({len(ex)} tokens, {ex.n_supervised} trained)",
+            f"--- {side}{ex.origin} ({len(ex)} tokens, {ex.n_supervised} scored)",
             mark_supervised(ex, tokenizer),
             "",
         ]
@@ -63,11 +66,13 @@ def preview(cfg: Config, n: int = 3) -> str:
     lengths = np.asarray(s.lengths)
     lines += [
         "statistics:",
-        f"  examples           {s.examples:,} train, {data.eval_stats.examples:,} eval",
+        f"  examples           {s.examples:,} train, {data.eval_stats.examples:,} eval"
+        + (" (a chosen and a rejected example per pair)" if pairs else ""),
         f"  tokens             {s.tokens:,} (length min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()})",
         f"  supervised tokens  {s.supervised:,} ({100 * s.supervised / max(s.tokens, 1):.1f}% of tokens)",
         f"  truncated          {s.truncated:,} (data.max_length={cfg.data.max_length}, data.truncation={cfg.data.truncation})",
-        f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train {s.dropped_unsupervised}, malformed {s.skipped_bad})",
+        f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train"
+        f"{' or identical / empty pair' if pairs else ''} {s.dropped_unsupervised}, malformed {s.skipped_bad})",
         f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing})",
     ]
     same = tokenizer.pad_token_id == tokenizer.eos_token_id
