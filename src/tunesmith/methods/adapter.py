@@ -32,14 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.methods.base import (
-    freeze,
-    load_trainable_state,
-    named_trainable,
-    register,
-    toggled,
-    trainable_state,
-)
+from tunesmith.methods.base import MethodBase, freeze, register, replace_module, toggled
 
 CONFIG, WEIGHTS = "bottleneck_config.json", "bottleneck_model.safetensors"
 ATTENTION = ("self_attn", "attention", "attn")
@@ -117,12 +110,11 @@ def _find_sublayers(model: nn.Module, placement: str) -> list[str]:
     return names
 
 
-class Adapter:
+class Adapter(MethodBase):
     name: ClassVar[str] = "adapter"
 
     def __init__(self, config: AdapterConfig) -> None:
-        self.config = config
-        self.model: nn.Module | None = None
+        super().__init__(config)
         self.wrapped: dict[str, WithAdapter] = {}
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -132,25 +124,13 @@ class Adapter:
         size = c.bottleneck or max(1, round(hidden / c.reduction))
         device = next(model.parameters()).device
         for name in _find_sublayers(model, c.placement):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
             wrapper = WithAdapter(
-                getattr(parent, child), Bottleneck(hidden, size, c.activation, device)
+                model.get_submodule(name), Bottleneck(hidden, size, c.activation, device)
             )
-            setattr(parent, child, wrapper)
+            replace_module(model, name, wrapper)
             self.wrapped[name] = wrapper
         self.model = model
         return model
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return named_trainable(self.model)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable weight: the method's own, plus any task head trained whole."""
-        return trainable_state(self.model)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state, "adapter")
 
     def save(self, directory: str | Path, base_model: str) -> None:
         directory = Path(directory)

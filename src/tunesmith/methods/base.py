@@ -82,20 +82,37 @@ def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable weight by parameter name: a method's own weights plus any head trained whole."""
-    return {n: p.detach() for n, p in named_trainable(model)}
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted path) was: injection by name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Inverse of :func:`trainable_state`; the names must match exactly."""
-    params = dict(named_trainable(model))
-    if set(state) != set(params):
-        differ = sorted(set(params) ^ set(state))[:3]
-        raise TunesmithError(f"{what} weights do not fit this model (e.g. {differ}).")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+class MethodBase:
+    """What every method shares (the one level of inheritance): after ``apply``, its weights are
+    exactly the model's trainable parameters, the method's own plus any task head trained whole,
+    so checkpoints and the optimiser need nothing method-specific."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.model: nn.Module | None = None
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return named_trainable(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in named_trainable(self.model)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(named_trainable(self.model))
+        if set(state) != set(params):
+            differ = sorted(set(params) ^ set(state))[:3]
+            raise TunesmithError(f"{self.name} weights do not fit this model (e.g. {differ}).")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
 
 
 @contextlib.contextmanager

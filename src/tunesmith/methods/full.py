@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.base import load_trainable_state, named_trainable, register, trainable_state
+from tunesmith.methods.base import MethodBase, register
 
 
 @dataclass
@@ -26,27 +26,14 @@ class FullConfig:
     name: ClassVar[str] = "full"
 
 
-class Full:
+class Full(MethodBase):
     name: ClassVar[str] = "full"
-
-    def __init__(self, config: FullConfig) -> None:
-        self.config = config
-        self.model: nn.Module | None = None
 
     def apply(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         self.model = model
         return model
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return named_trainable(self.model)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state, "full")
 
     def save(self, directory: str | Path, base_model: str) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)

@@ -28,14 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import (
-    freeze,
-    load_trainable_state,
-    named_trainable,
-    register,
-    toggled,
-    trainable_state,
-)
+from tunesmith.methods.base import MethodBase, freeze, register, replace_module, toggled
 
 PEFT_PREFIX = "base_model.model."
 
@@ -126,35 +119,22 @@ def _select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     return chosen
 
 
-class LoRA:
+class LoRA(MethodBase):
     name: ClassVar[str] = "lora"
 
     def __init__(self, config: LoRAConfig) -> None:
-        self.config = config
-        self.model: nn.Module | None = None
+        super().__init__(config)
         self.layers: dict[str, LoRALinear] = {}
 
     def apply(self, model: nn.Module) -> nn.Module:
         freeze(model)
         c = self.config
         for name in _select_targets(model, c.targets):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            layer = LoRALinear(getattr(parent, child), c.rank, c.scaling, c.dropout)
-            setattr(parent, child, layer)
+            layer = LoRALinear(model.get_submodule(name), c.rank, c.scaling, c.dropout)
+            replace_module(model, name, layer)
             self.layers[name] = layer
         self.model = model
         return model
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return named_trainable(self.model)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable weight: the method's own, plus any task head trained whole."""
-        return trainable_state(self.model)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state, "LoRA")
 
     def peft_config(self, base_model: str) -> dict:
         c = self.config
@@ -214,8 +194,7 @@ class LoRA:
 
     def merge(self) -> nn.Module:
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, layer.merged())
+            replace_module(self.model, name, layer.merged())
         self.layers = {}
         return self.model
 
