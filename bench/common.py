@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 VOCAB = 16_384
 
@@ -170,3 +171,66 @@ def main(
             print(
                 f"  {name:<20} speed x{r['tok_s'] / fastest['tok_s']:.2f}   peak memory x{r['peak_mb'] / fastest['peak_mb']:.2f}"
             )
+
+
+def tunesmith_runner(config: Callable[[str, str, str], dict]) -> Callable[[str, str, str], dict]:
+    """A run of ``tunesmith.train`` on the config that ``config(model, data, out)`` builds."""
+
+    def run(model: str, data: str, out: str) -> dict:
+        import tunesmith
+
+        res = tunesmith.train(config(model, data, out))
+        return {
+            "seconds": res.metrics["train_seconds"],
+            "peak_mb": peak_mb(),
+            "loss": res.metrics["train_loss"],
+        }
+
+    return run
+
+
+def trl_peft_runner(
+    kind: str, checkpointing: bool, rank: int, alpha: int, **args: Any
+) -> Callable[[str, str, str], dict]:
+    """A run of TRL's ``{kind}Trainer`` (``SFT`` or ``DPO``) with PEFT LoRA on all linear layers;
+    ``args`` go to its config (batch size, learning rate, epochs, ...). Only ``train()`` is timed."""
+
+    def run(model: str, data: str, out: str) -> dict:
+        import time
+
+        import torch
+        import trl
+        from datasets import load_dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = getattr(trl, f"{kind}Config")(
+            output_dir=out,
+            gradient_checkpointing=checkpointing,
+            lr_scheduler_type="cosine",
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(),
+            disable_tqdm=True,
+            **args,
+        )
+        trainer = getattr(trl, f"{kind}Trainer")(
+            model=AutoModelForCausalLM.from_pretrained(model),
+            args=config,
+            train_dataset=load_dataset("json", data_files=data, split="train"),
+            processing_class=AutoTokenizer.from_pretrained(model),
+            peft_config=LoraConfig(
+                r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
+            ),
+        )
+        t0 = time.perf_counter()
+        result = trainer.train()
+        return {
+            "seconds": time.perf_counter() - t0,
+            "peak_mb": peak_mb(),
+            "loss": result.training_loss,
+        }
+
+    return run

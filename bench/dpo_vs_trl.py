@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import main, peak_mb, sentence, words  # noqa: E402
+from common import main, sentence, trl_peft_runner, tunesmith_runner, words  # noqa: E402
 
 BATCH, LR, BETA, MAX_LEN, EPOCHS, RANK, ALPHA = 8, 5e-5, 0.1, 512, 1, 16, 32
 
@@ -39,81 +38,42 @@ def make_data(root: Path, n: int) -> Path:
     return path
 
 
-def tunesmith_dpo(model: str, data: str, out: str) -> dict:
-    import tunesmith
-
-    res = tunesmith.train(
-        {
-            "model": model,
-            "task": "dpo",
-            "method": {"name": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"},
-            "dpo": {"beta": BETA},
-            "data": {"train": data, "eval": None, "max_length": MAX_LEN},
-            "train": {
-                "epochs": EPOCHS,
-                "batch_size": BATCH,
-                "lr": LR,
-                "progress": False,
-                "warmup": 0.0,
-            },
-            "output_dir": out,
-        }
-    )
+def dpo_config(model: str, data: str, out: str) -> dict:
     return {
-        "seconds": res.metrics["train_seconds"],
-        "peak_mb": peak_mb(),
-        "loss": res.metrics["train_loss"],
+        "model": model,
+        "task": "dpo",
+        "method": {"name": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"},
+        "dpo": {"beta": BETA},
+        "data": {"train": data, "eval": None, "max_length": MAX_LEN},
+        "train": {
+            "epochs": EPOCHS,
+            "batch_size": BATCH,
+            "lr": LR,
+            "progress": False,
+            "warmup": 0.0,
+        },
+        "output_dir": out,
     }
 
 
-def trl_run(checkpointing: bool):
-    def run(model: str, data: str, out: str) -> dict:
-        import torch
-        from datasets import load_dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=BATCH,
-            learning_rate=LR,
-            num_train_epochs=EPOCHS,
-            max_length=MAX_LEN,
-            beta=BETA,
-            gradient_checkpointing=checkpointing,
-            lr_scheduler_type="cosine",
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
-            disable_tqdm=True,
-        )
-        trainer = DPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model),
-            args=args,
-            train_dataset=load_dataset("json", data_files=data, split="train"),
-            processing_class=AutoTokenizer.from_pretrained(model),
-            peft_config=LoraConfig(
-                r=RANK, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"
-            ),
-        )
-        t0 = time.perf_counter()
-        result = trainer.train()
-        return {
-            "seconds": time.perf_counter() - t0,
-            "peak_mb": peak_mb(),
-            "loss": result.training_loss,
-        }
-
-    return run
+def trl_dpo(checkpointing: bool):
+    return trl_peft_runner(
+        "DPO",
+        checkpointing,
+        RANK,
+        ALPHA,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        num_train_epochs=EPOCHS,
+        max_length=MAX_LEN,
+        beta=BETA,
+    )
 
 
 RUNS = {
-    "tunesmith dpo lora": tunesmith_dpo,
-    "trl+peft dpo lora (checkpointing on, default)": trl_run(True),
-    "trl+peft dpo lora (checkpointing off)": trl_run(False),
+    "tunesmith dpo lora": tunesmith_runner(dpo_config),
+    "trl+peft dpo lora (checkpointing on, default)": trl_dpo(True),
+    "trl+peft dpo lora (checkpointing off)": trl_dpo(False),
 }
 
 if __name__ == "__main__":

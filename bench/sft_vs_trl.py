@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import main, peak_mb, sentence, words  # noqa: E402
+from common import main, sentence, trl_peft_runner, tunesmith_runner, words  # noqa: E402
 
 BATCH, LR, MAX_LEN, EPOCHS, RANK, ALPHA = 8, 2e-4, 512, 1, 16, 32
 
@@ -45,87 +44,48 @@ def make_data(root: Path, n: int) -> Path:
     return path
 
 
-def tunesmith_run(method: str):
-    def run(model: str, data: str, out: str) -> dict:
-        import tunesmith
-
+def tunesmith_sft(method: str):
+    def config(model: str, data: str, out: str) -> dict:
         m = (
             {"name": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"}
             if method == "lora"
             else "full"
         )
-        res = tunesmith.train(
-            {
-                "model": model,
-                "method": m,
-                "data": {"train": data, "eval": None, "max_length": MAX_LEN, "packing": True},
-                "train": {
-                    "epochs": EPOCHS,
-                    "batch_size": BATCH,
-                    "lr": LR,
-                    "progress": False,
-                    "warmup": 0.0,
-                },
-                "output_dir": out,
-            }
-        )
         return {
-            "seconds": res.metrics["train_seconds"],
-            "peak_mb": peak_mb(),
-            "loss": res.metrics["train_loss"],
+            "model": model,
+            "method": m,
+            "data": {"train": data, "eval": None, "max_length": MAX_LEN, "packing": True},
+            "train": {
+                "epochs": EPOCHS,
+                "batch_size": BATCH,
+                "lr": LR,
+                "progress": False,
+                "warmup": 0.0,
+            },
+            "output_dir": out,
         }
 
-    return run
+    return tunesmith_runner(config)
 
 
-def trl_run(checkpointing: bool):
-    def run(model: str, data: str, out: str) -> dict:
-        import torch
-        from datasets import load_dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=BATCH,
-            learning_rate=LR,
-            num_train_epochs=EPOCHS,
-            max_length=MAX_LEN,
-            gradient_checkpointing=checkpointing,
-            lr_scheduler_type="cosine",
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
-            disable_tqdm=True,
-        )
-        trainer = SFTTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model),
-            args=args,
-            train_dataset=load_dataset("json", data_files=data, split="train"),
-            processing_class=AutoTokenizer.from_pretrained(model),
-            peft_config=LoraConfig(
-                r=RANK, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"
-            ),
-        )
-        t0 = time.perf_counter()
-        result = trainer.train()
-        return {
-            "seconds": time.perf_counter() - t0,
-            "peak_mb": peak_mb(),
-            "loss": result.training_loss,
-        }
-
-    return run
+def trl_sft(checkpointing: bool):
+    return trl_peft_runner(
+        "SFT",
+        checkpointing,
+        RANK,
+        ALPHA,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        num_train_epochs=EPOCHS,
+        max_length=MAX_LEN,
+    )
 
 
 RUNS = {
-    "tunesmith full": tunesmith_run("full"),
-    "tunesmith lora": tunesmith_run("lora"),
-    "trl+peft lora (checkpointing on, default)": trl_run(True),
-    "trl+peft lora (checkpointing off)": trl_run(False),
+    "tunesmith full": tunesmith_sft("full"),
+    "tunesmith lora": tunesmith_sft("lora"),
+    "trl+peft lora (checkpointing on, default)": trl_sft(True),
+    "trl+peft lora (checkpointing off)": trl_sft(False),
 }
 
 if __name__ == "__main__":
