@@ -12,12 +12,14 @@ from typing import Any
 
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.multi import MultiAdapter
 from tunesmith.recipes.common import RunResult
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "MultiAdapter",
     "RunResult",
     "TunesmithError",
     "load_config",

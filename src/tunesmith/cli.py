@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tunesmith.errors import TunesmithError
 
@@ -77,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="attach a trained adapter run to the base under NAME (repeat for several)",
+    )
+    g.add_argument(
+        "--use",
+        metavar="NAME",
+        help="adapter to generate with: a NAME, 'base' (no adapter) or 'all' (each in turn)",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -101,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("overrides", nargs="*", help="dotted overrides of the config")
     cp.add_argument(
         "--methods",
-        default="full,lora,adapter",
-        help="comma-separated methods (default full,lora,adapter)",
+        default="full,lora,adapter,prefix,prompt",
+        help="comma-separated methods (default full,lora,adapter,prefix,prompt)",
     )
     cp.add_argument(
         "--set",
@@ -110,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         dest="options",
         metavar="METHOD.KEY=VALUE",
-        help="a setting for one method, e.g. lora.rank=4 (repeatable)",
+        help="a setting for one method's run: lora.rank=4, or any section's, full.train.lr=3e-4 (repeatable)",
     )
     cp.add_argument(
         "--samples",
@@ -183,12 +196,41 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     from tunesmith.generate import chat_prompt, generate
     from tunesmith.models import load_for_inference
 
-    torch.manual_seed(a.seed)
-    model, tok, _ = load_for_inference(a.model)
-    prompts = [chat_prompt(tok, p, a.raw) for p in a.prompt]
-    outs = generate(model, tok, prompts, a.max_new_tokens, a.sample, a.temperature, a.top_p)
-    for p, o in zip(a.prompt, outs):
-        print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
+    def show(model: Any, tok: Any, title: str | None = None) -> None:
+        torch.manual_seed(a.seed)
+        prompts = [chat_prompt(tok, p, a.raw) for p in a.prompt]
+        outs = generate(model, tok, prompts, a.max_new_tokens, a.sample, a.temperature, a.top_p)
+        if title:
+            print(f"=== {title}")
+        for p, o in zip(a.prompt, outs):
+            print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
+
+    if not a.adapter:
+        if a.use:
+            raise TunesmithError("--use picks one of the --adapter NAME=RUN given; none was.")
+        model, tok, _ = load_for_inference(a.model)
+        show(model, tok)
+        return
+    from tunesmith.multi import MultiAdapter
+
+    adapters = {}
+    for item in a.adapter:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run or name in ("base", "all"):
+            raise TunesmithError(
+                f"--adapter {item}: write NAME=RUN_FOLDER (NAME not 'base' or 'all')."
+            )
+        adapters[name] = run
+    if a.use is None and len(adapters) > 1:
+        raise TunesmithError(
+            f"--use: several adapters attached ({', '.join(adapters)}); pick one, 'base' or 'all'."
+        )
+    multi = MultiAdapter.load(a.model, adapters)
+    choice = a.use or next(iter(adapters))
+    names = [None, *adapters] if choice == "all" else [None if choice == "base" else choice]
+    for name in names:
+        multi.use(name)
+        show(multi, multi.tokenizer, (name or "base") if choice == "all" else None)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:

@@ -36,17 +36,29 @@ COLUMNS = (
 )
 
 
-def _method_settings(name: str, base: dict[str, Any], options: Sequence[str]) -> dict[str, Any]:
-    """The config's own settings when it names this method, plus ``name.key=value`` options."""
-    settings: dict[str, Any] = dict(base) if base.get("name") == name else {"name": name}
+def _method_spec(name: str, raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]:
+    """The run config for one method: the config's own method settings when it names this
+    method, plus ``name.key=value`` (a method setting) and ``name.section.key=value`` (e.g.
+    ``full.train.lr=3e-4``: any other setting, for this method's run only)."""
+    base = raw["method"]
+    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    spec["method"] = dict(base) if base.get("name") == name else {"name": name}
     for opt in options:
         key, _, value = opt.partition("=")
         if "." not in key or "=" not in opt:
-            raise ConfigError(f"--set {opt}: expected METHOD.KEY=VALUE, e.g. lora.rank=4.")
+            raise ConfigError(
+                f"--set {opt}: expected METHOD.KEY=VALUE or METHOD.SECTION.KEY=VALUE, e.g. "
+                "lora.rank=4 or full.train.lr=3e-4."
+            )
         method, field = key.split(".", 1)
-        if method == name:
-            settings[field] = yaml.safe_load(value)
-    return settings
+        if method != name:
+            continue
+        section, _, sub = field.partition(".")
+        if sub and isinstance(spec.get(section), dict):
+            spec[section][sub] = yaml.safe_load(value)
+        else:
+            spec["method"][field] = yaml.safe_load(value)
+    return spec
 
 
 def _artifact_mb(run: Path) -> float:
@@ -78,11 +90,7 @@ def compare(
     rows = []
     for name in methods:
         run = root / name
-        spec = {
-            **raw,
-            "method": _method_settings(name, raw["method"], options),
-            "output_dir": str(run),
-        }
+        spec = {**_method_spec(name, raw, options), "output_dir": str(run)}
         root.mkdir(parents=True, exist_ok=True)
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -54,8 +54,10 @@ class DataConfig:
     """Longest tokenised example (and packed row) in tokens."""
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     """What to do with longer examples: cut them (counted and reported), drop them, or stop."""
-    packing: bool = True
-    """Pack several examples into one row; attention never crosses example boundaries."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several examples into one row; attention never crosses example boundaries. ``auto``
+    packs whenever the method allows it (prefix and prompt tuning put virtual tokens in front of
+    each row, so they train on one example per row)."""
     loss_on: Literal["completion", "all"] = "completion"
     """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
     skip_bad_rows: bool = False

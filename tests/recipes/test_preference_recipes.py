@@ -77,13 +77,15 @@ def test_reward_every_method(cache, tmp_path, micro, pairs, method):
 @pytest.mark.parametrize("method", method_names())
 def test_dpo_every_method(cache, tmp_path, micro, pairs, method):
     _, before, after = run("dpo", method, tmp_path / "dpo", micro, pairs)
-    # The policy starts as its reference: every implicit reward is 0, a tie (accuracy 1/2).
-    assert before["eval_accuracy"] == 0.5 and before["eval_reward_margin"] == pytest.approx(
-        0.0, abs=1e-6
-    )
+    if method in ("full", "lora", "adapter"):
+        # The policy starts as its reference: every implicit reward is 0, a tie (accuracy 1/2).
+        # (Prefix and prompt tuning change the model from the start; the reference stays the base.)
+        assert before["eval_accuracy"] == 0.5 and before["eval_reward_margin"] == pytest.approx(
+            0.0, abs=1e-6
+        )
     assert (
-        after["eval_accuracy"] > 0.5
-        and after["eval_reward_margin"] > 0
+        after["eval_accuracy"] > max(before["eval_accuracy"], 0.5)
+        and after["eval_reward_margin"] > max(before["eval_reward_margin"], 0)
         and after["eval_loss"] < before["eval_loss"]
     )
 

@@ -12,11 +12,12 @@ import tunesmith
 from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.cli import main
 from tunesmith.config import load_config
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.methods import method_names
 from tunesmith.models import load_for_inference
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", method_names())
 def test_one_step_changes_trainable_and_keeps_frozen(tiny_model, pc_data, tmp_path, method):
     from tunesmith.data.batching import Batches
     from tunesmith.data.dataset import prepare_data
@@ -26,8 +27,9 @@ def test_one_step_changes_trainable_and_keeps_frozen(tiny_model, pc_data, tmp_pa
 
     raw = base_config(
         tiny_model, pc_data, tmp_path, max_steps=2
-    )  # LoRA A moves from step 2 (B starts at 0)
-    raw["method"] = method
+    )  # LoRA A (and the prefix MLP's input side) move from step 2: the output side starts at 0
+    # A 2-unit ReLU bottleneck (32 / 16) can start dead on every token of a random tiny model.
+    raw["method"] = {"name": method, **({"bottleneck": 8} if method == "adapter" else {})}
     cfg = load_config(raw)
     model, tok, method_obj, device, _ = setup_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -36,7 +38,7 @@ def test_one_step_changes_trainable_and_keeps_frozen(tiny_model, pc_data, tmp_pa
         model,
         method_obj,
         SFTObjective(),
-        Batches(data.train, 4, 64, tok.pad_token_id, True, 0),
+        Batches(data.train, 4, 64, tok.pad_token_id, method_obj.packing_ok, 0),
         None,
         cfg.train,
         tmp_path,
@@ -202,3 +204,15 @@ def test_data_preview(llama, chat_data, tmp_path, capsys):
         and "packing efficiency" in out
         and "truncated" in out
     )
+
+
+def test_virtual_token_methods_refuse_packing(llama, pc_data, tmp_path):
+    """Prefix/prompt tuning prepend to rows: explicit packing is refused, ``auto`` turns it off."""
+    raw = base_config(llama, pc_data, tmp_path / "a", max_steps=1)
+    raw["method"] = "prefix"
+    raw["data"]["packing"] = True
+    with pytest.raises(ConfigError, match="data.packing: method 'prefix'"):
+        tunesmith.train(raw)
+    raw["data"]["packing"] = "auto"
+    raw["output_dir"] = str(tmp_path / "b")
+    assert tunesmith.train(raw).metrics["packing_efficiency"] < 1.0  # padded rows, not packed

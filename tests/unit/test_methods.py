@@ -23,7 +23,7 @@ def perturb(method):
 
 
 def test_registry_has_core_methods():
-    assert {"full", "lora", "adapter"} <= set(METHODS)
+    assert {"full", "lora", "adapter", "prefix", "prompt"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("name", ["lora", "adapter"])
@@ -33,6 +33,86 @@ def test_identity_at_initialisation(tiny_model, name):
     model, method = fresh(tiny_model, name)
     assert torch.equal(model(x).logits, base)
     assert method.trainable_parameters()
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_virtual_tokens_change_outputs_and_keep_shape(tiny_model, name):
+    """Prefix and prompt tuning are not the identity at initialisation: outputs change, stay
+    finite, and keep one position per real token."""
+    x = torch.randint(6, 90, (2, 10), generator=torch.Generator().manual_seed(3))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(x).logits
+    model, method = fresh(tiny_model, name)
+    out = model(x).logits
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, base)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_kv_cache_generation_equals_no_cache(tiny_model, name):
+    """Greedy generation with the key/value cache gives the tokens a full forward per step gives,
+    on a left-padded batch."""
+    model, method = fresh(tiny_model, name)
+    perturb(method)
+    ids = torch.randint(6, 90, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = model.config.pad_token_id, 0
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id,
+        eos_token_id=None,
+        min_new_tokens=8,
+    )
+    with torch.no_grad():
+        cached = model.generate(use_cache=True, **kwargs)
+        uncached = model.generate(use_cache=False, **kwargs)
+    assert cached.shape[1] == 17
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_peft_loads_prompt_learning_artifacts(tiny_model, tmp_path, name):
+    """PEFT's PeftModel computes our logits from our prefix / prompt artifact (Llama and Qwen2,
+    both with grouped-query attention)."""
+    from peft import PeftModel
+
+    x = torch.randint(6, 90, (2, 10), generator=torch.Generator().manual_seed(5))
+    model, method = fresh(tiny_model, name)
+    perturb(method)
+    ours = model(x).logits
+    method.save(tmp_path, str(tiny_model))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    theirs = PeftModel.from_pretrained(base, tmp_path).eval()(input_ids=x).logits
+    n = method.config.virtual_tokens
+    theirs = theirs[:, n:] if name == "prompt" else theirs  # PEFT returns the prompt's positions
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_reparameterisation_is_folded_on_save(llama, tmp_path):
+    """Training goes through the MLP; the artifact holds its output, and loads without it."""
+    model, method = fresh(llama, "prefix")
+    assert method.encoder.mlp is not None
+    perturb(method)
+    x = torch.randint(6, 90, (1, 6), generator=torch.Generator().manual_seed(6))
+    expected = model(x).logits
+    method.save(tmp_path, str(llama))
+    again, other = fresh(llama, "prefix")
+    other.load(tmp_path)
+    assert other.encoder.mlp is None and other.encoder.prefix is not None
+    torch.testing.assert_close(again(x).logits, expected)
+
+
+def test_prompt_init_from_text(llama):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    method = build_method(method_config("prompt", virtual_tokens=5, init="text", init_text="12+3"))
+    model = method.apply(AutoModelForCausalLM.from_pretrained(llama))
+    ids = AutoTokenizer.from_pretrained(llama)("12+3", add_special_tokens=False)["input_ids"]
+    table = model.get_input_embeddings().weight
+    assert torch.equal(method.prompt.weight, table[(ids * 5)[:5]])
 
 
 @pytest.mark.parametrize("placement, per_layer", [("houlsby", 2), ("pfeiffer", 1)])

@@ -62,11 +62,15 @@ class AdapterConfig:
 class Bottleneck(nn.Module):
     def __init__(self, hidden: int, size: int, activation: str, device: torch.device) -> None:
         super().__init__()
+        self.tunesmith_owned = True
         self.down = nn.Linear(hidden, size, device=device)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(size, hidden, device=device)
         nn.init.zeros_(self.up.weight)  # the adapted model starts as the base
         nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(
+            self.down.bias
+        )  # no unit starts dead: each is active on about half the inputs
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         w = self.down.weight
@@ -78,12 +82,12 @@ class WithAdapter(nn.Module):
 
     def __init__(self, module: nn.Module, adapter: Bottleneck) -> None:
         super().__init__()
-        self.module = module
+        self.base_layer = module
         self.adapter = adapter
         self.enabled = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.module(*args, **kwargs)
+        out = self.base_layer(*args, **kwargs)
         if not self.enabled:
             return out
         if isinstance(out, tuple):

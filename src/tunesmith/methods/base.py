@@ -24,6 +24,8 @@ class Method(Protocol):
     """What every fine-tuning method provides."""
 
     name: ClassVar[str]
+    packing_ok: ClassVar[bool]
+    """Whether a row may hold several packed examples (not for methods that prepend to rows)."""
     config: Any
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -82,6 +84,25 @@ def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+WRAPPED = "base_layer"
+"""Attribute under which every tunesmith wrapper keeps the module it wraps (PEFT's name)."""
+
+
+def canonical(name: str) -> str:
+    """A parameter or module name as if no wrapper stood in the way.
+
+    With several methods on one model (``tunesmith.MultiAdapter``) wrappers nest, e.g. LoRA on
+    a feed-forward block that a bottleneck adapter already wraps: ``mlp.base_layer.down_proj``.
+    Saved artifacts always use the plain names (``mlp.down_proj``).
+    """
+    return ".".join(part for part in name.split(".") if part != WRAPPED)
+
+
+def owned_by_methods(model: nn.Module) -> list[str]:
+    """Names of the modules methods added (marked ``tunesmith_owned``): never targets themselves."""
+    return [n for n, m in model.named_modules() if getattr(m, "tunesmith_owned", False)]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` (dotted path) was: injection by name."""
     parent, _, child = name.rpartition(".")
@@ -94,6 +115,7 @@ class MethodBase:
     so checkpoints and the optimiser need nothing method-specific."""
 
     name: ClassVar[str]
+    packing_ok: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -103,10 +125,10 @@ class MethodBase:
         return named_trainable(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in named_trainable(self.model)}
+        return {canonical(n): p.detach() for n, p in named_trainable(self.model)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(named_trainable(self.model))
+        params = {canonical(n): p for n, p in named_trainable(self.model)}
         if set(state) != set(params):
             differ = sorted(set(params) ^ set(state))[:3]
             raise TunesmithError(f"{self.name} weights do not fit this model (e.g. {differ}).")

@@ -28,7 +28,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import MethodBase, freeze, register, replace_module, toggled
+from tunesmith.methods.base import (
+    WRAPPED,
+    MethodBase,
+    canonical,
+    freeze,
+    owned_by_methods,
+    register,
+    replace_module,
+    toggled,
+)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -75,6 +84,19 @@ class LoRALinear(nn.Module):
         self.scaling = scaling
         self.enabled = True
 
+    # Shaped like the nn.Linear it wraps, so another LoRA can wrap it (several adapters, one base).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if not self.enabled:
@@ -92,25 +114,37 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
 
-def _select_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the linear modules the config targets."""
+def _select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, str]:
+    """{plain name: name to wrap} of the linear layers the config targets.
+
+    Names are matched as if no wrapper stood in the way; where another adapter already wraps a
+    layer, the outermost wrapper is wrapped, so the layer's adapters add up.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and m is not head
-        and n not in ("score", "classifier")  # task heads train whole, never through LoRA
-        and not isinstance(m, LoRALinear)
-        and ".lora_" not in n
-    ]
+    owned = tuple(n + "." for n in owned_by_methods(model))
+    linear: dict[str, str] = {}
+    for n, m in model.named_modules():
+        plain = canonical(n)
+        if (
+            isinstance(m, nn.Linear)
+            and m is not head
+            and plain not in ("score", "classifier")  # task heads train whole, never through LoRA
+            and ".lora_" not in n
+            and not n.startswith(owned)
+        ):
+            outer = n
+            while outer.endswith("." + WRAPPED):
+                outer = outer[: -len(WRAPPED) - 1]
+            linear[plain] = outer
     if targets == "all-linear":
         chosen = linear
     elif isinstance(targets, str):
         pattern = re.compile(targets)
-        chosen = [n for n in linear if pattern.fullmatch(n)]
+        chosen = {p: n for p, n in linear.items() if pattern.fullmatch(p)}
     else:
-        chosen = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+        chosen = {
+            p: n for p, n in linear.items() if any(p == t or p.endswith("." + t) for t in targets)
+        }
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ConfigError(
@@ -129,7 +163,7 @@ class LoRA(MethodBase):
     def apply(self, model: nn.Module) -> nn.Module:
         freeze(model)
         c = self.config
-        for name in _select_targets(model, c.targets):
+        for name in _select_targets(model, c.targets).values():
             layer = LoRALinear(model.get_submodule(name), c.rank, c.scaling, c.dropout)
             replace_module(model, name, layer)
             self.layers[name] = layer
@@ -139,7 +173,9 @@ class LoRA(MethodBase):
     def peft_config(self, base_model: str) -> dict:
         c = self.config
         if c.targets == "all-linear":
-            targets: str | list[str] = sorted({n.rsplit(".", 1)[-1] for n in self.layers})
+            targets: str | list[str] = sorted(
+                {canonical(n).rsplit(".", 1)[-1] for n in self.layers}
+            )
         else:
             targets = c.targets
         return {

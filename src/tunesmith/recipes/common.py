@@ -15,7 +15,7 @@ from torch import nn
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.data.batching import Batches
 from tunesmith.data.dataset import PreparedData, prepare_data
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import Method, build_method
 from tunesmith.models import load_model, load_tokenizer, pick_device, resolve_model_path
 from tunesmith.report import write_report
@@ -96,6 +96,18 @@ def setup_model(cfg: Config, head: str = "lm") -> tuple[nn.Module, Any, Method, 
     return model, tokenizer, method, device, base_path
 
 
+def resolve_packing(setting: bool | str, method: Method) -> bool:
+    """``data.packing`` for this method: ``auto`` packs when the method allows it."""
+    if setting == "auto":
+        return method.packing_ok
+    if setting and not method.packing_ok:
+        raise ConfigError(
+            f"data.packing: method '{method.name}' puts virtual tokens in front of each row, so a row "
+            "cannot hold several examples; set data.packing=false (or auto)."
+        )
+    return bool(setting)
+
+
 def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
     trainable = sum(p.numel() for _, p in method.trainable_parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -134,7 +146,8 @@ def train_task(
         say(note)
     d, t = cfg.data, cfg.train
     pad = tokenizer.pad_token_id
-    train = Batches(data.train, t.batch_size, d.max_length, pad, d.packing, t.seed, pairs=pairs)
+    packing = resolve_packing(d.packing, method)
+    train = Batches(data.train, t.batch_size, d.max_length, pad, packing, t.seed, pairs=pairs)
     evals = (
         Batches(
             data.eval, t.batch_size, d.max_length, pad, False, t.seed, shuffle=False, pairs=pairs
