@@ -122,6 +122,18 @@ def compare(
         if cfg.task == "sft" and samples:
             row["exact_match"] = evaluate_target(str(run), samples=samples).get("exact_match")
         rows.append(row)
+    if cfg.task == "sft" and samples:  # where the methods started from
+        base = evaluate_target(config, overrides, samples=samples)
+        rows.insert(
+            0,
+            {
+                "method": "base (untrained)",
+                "trainable_params": 0,
+                "trainable_pct": 0.0,
+                "eval_loss": base.get("eval_loss"),
+                "exact_match": base.get("exact_match"),
+            },
+        )
     write_comparison(root, rows, cfg.task)
     return rows
 

@@ -37,7 +37,8 @@ def test_task_splits_disjoint_and_stable():
     assert fact_split() == (train, held)
     for name in TASKS:
         tr, ev = task_records(f"builtin:{name}"), task_records(f"builtin:{name}:eval")
-        assert (len(tr), len(ev)) == (488, 122)
+        per = 4 if name == "arith_pref" else 1  # several comparisons per question
+        assert (len(tr), len(ev)) == (488 * per, 122 * per)
         assert [r.fields for r in tr] == [r.fields for r in task_records(f"builtin:{name}")]
     first = task_records("builtin:arith")[0].fields["messages"]
     assert first == [
@@ -46,6 +47,8 @@ def test_task_splits_disjoint_and_stable():
     ]
     prefs = task_records("builtin:arith_pref:eval")
     assert all(p.fields["chosen"] != p.fields["rejected"] for p in prefs)
+    first_question = [p.fields["rejected"][0]["content"] for p in prefs[:4]]
+    assert len(set(first_question)) == 4 and prefs[4].fields["prompt"] != prefs[0].fields["prompt"]
     checks = [r.fields["label"] for r in task_records("builtin:arith_check")]
     assert 0.4 < sum(checks) / len(checks) < 0.6
     with pytest.raises(DataError, match="unknown built-in data"):
@@ -126,7 +129,7 @@ def test_compare_methods(cache, tmp_path, capsys):
     out = tmp_path / "cmp"
     rows = compare(
         str(cfg),
-        ["lora", "adapter"],
+        ["lora", "prompt"],
         [
             "model.name=builtin:micro",
             "train.max_steps=3",
@@ -134,16 +137,20 @@ def test_compare_methods(cache, tmp_path, capsys):
             "train.progress=false",
             f"output_dir={out}",
         ],
-        ["lora.rank=2"],
+        ["lora.rank=2", "prompt.train.lr=0.1", "prompt.virtual_tokens=4"],
         samples=8,
     )
-    assert [r["method"] for r in rows] == ["lora", "adapter"]
+    assert [r["method"] for r in rows] == ["base (untrained)", "lora", "prompt"]
+    assert rows[0]["trainable_params"] == 0 and rows[0]["exact_match"] is not None
     assert all(
         r["trainable_params"] > 0 and r["artifact_mb"] > 0 and r["exact_match"] is not None
-        for r in rows
+        for r in rows[1:]
     )
-    lora = yaml.safe_load((out / "lora.yaml").read_text())["method"]
-    assert lora["rank"] == 2 and lora["name"] == "lora"
+    lora = yaml.safe_load((out / "lora.yaml").read_text())
+    assert lora["method"]["rank"] == 2 and lora["method"]["name"] == "lora"
+    assert lora["train"]["lr"] == 2e-3  # another method's setting stays with that method
+    prompt = yaml.safe_load((out / "prompt.yaml").read_text())
+    assert prompt["train"]["lr"] == 0.1 and prompt["method"]["virtual_tokens"] == 4
     assert (
         "| lora |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
     )

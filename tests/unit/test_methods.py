@@ -124,9 +124,10 @@ def test_adapter_placement(llama, placement, per_layer):
     assert all(n.endswith(("mlp", "self_attn")) for n in method.wrapped)
 
 
-def test_adapter_cannot_merge(llama):
-    _, method = fresh(llama, "adapter")
-    with pytest.raises(TunesmithError, match="cannot be folded"):
+@pytest.mark.parametrize("name", ["adapter", "prefix", "prompt"])
+def test_unmergeable_methods_say_so(llama, name):
+    _, method = fresh(llama, name)
+    with pytest.raises(TunesmithError, match=f"method '{name}' .* cannot be"):
         method.merge()
 
 

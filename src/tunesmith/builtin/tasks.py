@@ -54,38 +54,51 @@ def question(f: Fact) -> str:
     return f"What is {f.a} {f.op} {f.b}?"
 
 
-def _arith(f: Fact, rng: random.Random) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": question(f)},
-            {"role": "assistant", "content": str(f.answer)},
-        ]
-    }
+WRONG_OFFSETS = (-3, -2, -1, 1, 2, 3, 10)  # plausible slips: near misses and a carry error
+PAIRS_PER_QUESTION = 4
 
 
-def _wrong_answer(f: Fact, rng: random.Random) -> int:
-    wrong = f.answer + rng.choice([-3, -2, -1, 1, 2, 3, 10])
-    return wrong if wrong >= 0 and wrong != f.answer else f.answer + 1
+def _arith(f: Fact, rng: random.Random) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": question(f)},
+                {"role": "assistant", "content": str(f.answer)},
+            ]
+        }
+    ]
 
 
-def _arith_pref(f: Fact, rng: random.Random) -> dict:
-    return {
-        "prompt": [{"role": "user", "content": question(f)}],
-        "chosen": [{"role": "assistant", "content": str(f.answer)}],
-        "rejected": [{"role": "assistant", "content": str(_wrong_answer(f, rng))}],
-    }
+def _wrong_answers(f: Fact, rng: random.Random, k: int) -> list[int]:
+    """k distinct plausible wrong answers (never negative)."""
+    wrong = [f.answer + d for d in WRONG_OFFSETS if f.answer + d >= 0]
+    return rng.sample(wrong, k)
 
 
-def _arith_check(f: Fact, rng: random.Random) -> dict:
+def _arith_pref(f: Fact, rng: random.Random) -> list[dict]:
+    """Several comparisons per question (like datasets that rank several completions per prompt):
+    with one wrong answer per question, DPO learns to avoid that number in that context, which on
+    held-out questions also pushes down right answers; with several it learns to prefer the right one."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": question(f)}],
+            "chosen": [{"role": "assistant", "content": str(f.answer)}],
+            "rejected": [{"role": "assistant", "content": str(w)}],
+        }
+        for w in _wrong_answers(f, rng, PAIRS_PER_QUESTION)
+    ]
+
+
+def _arith_check(f: Fact, rng: random.Random) -> list[dict]:
     correct = rng.random() < 0.5
-    shown = f.answer if correct else _wrong_answer(f, rng)
-    return {"text": f"{f.a} {OPS[f.op]} {f.b} = {shown}", "label": int(correct)}
+    shown = f.answer if correct else _wrong_answers(f, rng, 1)[0]
+    return [{"text": f"{f.a} {OPS[f.op]} {f.b} = {shown}", "label": int(correct)}]
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    make: object  # (Fact, Random) -> record fields
+    make: object  # (Fact, Random) -> list of records' fields
     about: str
 
 
@@ -98,7 +111,7 @@ TASKS = {
     "arith_pref": Task(
         "arith_pref",
         _arith_pref,
-        "preference task: prompt, chosen (the right answer), rejected (a wrong one). Scored by preference accuracy.",
+        f"preference task: prompt, chosen (the right answer), rejected (a wrong one), {PAIRS_PER_QUESTION} pairs per question. Scored by preference accuracy.",
     ),
     "arith_check": Task(
         "arith_check",
@@ -121,7 +134,8 @@ def task_records(source: str) -> list[Record]:
     train, held = fact_split()
     facts = train if split == "train" else held
     rng = random.Random(f"{name}:{split}")
-    return [Record(TASKS[name].make(f, rng), f"{source} #{i}") for i, f in enumerate(facts)]
+    fields = [r for f in facts for r in TASKS[name].make(f, rng)]
+    return [Record(r, f"{source} #{i}") for i, r in enumerate(fields)]
 
 
 def arith_reward(prompt: str, completion: str) -> float:

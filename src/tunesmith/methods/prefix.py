@@ -157,7 +157,7 @@ class Prefix(MethodBase):
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, n), device=device)
         with torch.no_grad():
-            cache = backbone(input_ids=ids, use_cache=True).past_key_values
+            cache = getattr(backbone(input_ids=ids, use_cache=True), self.cache_key)
         parts = []
         for layer in range(layers):
             k, v = cache.layers[layer].keys, cache.layers[layer].values  # (1, H, n, D)
