@@ -19,8 +19,9 @@ EPILOG = """examples:
   tunesmith eval runs/sft-lora
   tunesmith merge runs/sft-lora --out runs/sft-lora-merged
   tunesmith train configs/dpo_lora.yaml model.name=runs/quickstart
-  tunesmith compare configs/sft_lora.yaml --methods full,lora,adapter output_dir=runs/bakeoff
-  tunesmith score runs/reward-lora --prompt "What is 2 plus 3?" --response 5 --response 6
+  tunesmith compare configs/sft_lora.yaml --methods full,lora,prefix output_dir=runs/bakeoff
+  tunesmith generate builtin:tiny --adapter a=runs/sft-lora --adapter b=runs/x --use all --prompt "What is 3 plus 4?"
+  tunesmith score runs/reward-full --prompt "What is 2 plus 3?" --response 5 --response 6
 """
 
 

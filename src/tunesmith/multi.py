@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ class MultiAdapter:
         self.base_path = base_path
         self.adapters: dict[str, Method] = {}
         self.active: str | None = None
-        self._off = contextlib.ExitStack()
+        self._off = contextlib.ExitStack()  # the disable() contexts of every inactive adapter
+        weakref.finalize(self, self._off.close)  # leave them before interpreter shutdown
 
     @classmethod
     def load(
@@ -83,7 +85,6 @@ class MultiAdapter:
                 f"--use {name}: no adapter of that name; attached: {', '.join(self.adapters) or 'none'}."
             )
         self._off.close()
-        self._off = contextlib.ExitStack()
         for other, method in self.adapters.items():
             if other != name:
                 self._off.enter_context(method.disable())
