@@ -124,10 +124,12 @@ def load_for_inference(
         cfg = load_config(Path(path_or_name) / "config.yaml")
         run = json.loads((Path(path_or_name) / "run.json").read_text())
         tok = load_tokenizer(cfg.model, path_or_name)
+        head = run.get("head", "lm")
         if run["artifact"] == "model":
-            model = load_model(cfg.model, device, path_or_name)
-        else:
-            model = load_model(cfg.model, device)
+            model = load_model(cfg.model, device, path_or_name, head=head)
+        else:  # the base (with a fresh task head, if any) + the method and its saved weights
+            model = load_model(cfg.model, device, head=head)
+            model.config.pad_token_id = tok.pad_token_id
             method = build_method(cfg.method)
             model = method.apply(model)
             method.load(path_or_name)

@@ -11,6 +11,7 @@ from tunesmith.data.batching import collate
 from tunesmith.data.formats import render_response
 from tunesmith.data.tokenize import tokenize_segments
 from tunesmith.errors import TunesmithError
+from tunesmith.models import is_run_dir, load_for_inference
 
 
 @torch.no_grad()
@@ -18,12 +19,15 @@ def score(model_dir: str, prompt: str, responses: list[str], raw: bool = False) 
     """Reward of each response to ``prompt``, rendered exactly as in reward training."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").exists():
-        raise TunesmithError(
-            f"{model_dir}: not a model folder (a reward run folder holds the whole model)."
-        )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    if is_run_dir(model_dir):  # a whole model, or a base + method that could not be merged
+        model, tok, _ = load_for_inference(model_dir, torch.device("cpu"))
+    elif (Path(model_dir) / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    else:
+        raise TunesmithError(f"{model_dir}: neither a reward run folder nor a model folder.")
+    if not hasattr(model, "score"):
+        raise TunesmithError(f"{model_dir}: not a reward model (no scalar head).")
     if model.config.num_labels != 1:
         raise TunesmithError(
             f"{model_dir}: a reward model has one output, this one has {model.config.num_labels}."

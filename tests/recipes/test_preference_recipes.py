@@ -104,8 +104,9 @@ def test_dpo_full_with_frozen_copy_matches_cache(cache, tmp_path, micro, pairs):
     assert copied["eval_loss"] == pytest.approx(cached["eval_loss"], rel=1e-4)
 
 
-def test_score_command(cache, tmp_path, micro, pairs, capsys):
-    run("reward", "lora", tmp_path / "rm", micro, pairs)
+@pytest.mark.parametrize("method", ["lora", "prefix"])  # merged whole model / base + method
+def test_score_command(cache, tmp_path, micro, pairs, capsys, method):
+    run("reward", method, tmp_path / "rm", micro, pairs)
     assert (
         main(
             [
