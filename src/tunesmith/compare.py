@@ -155,11 +155,10 @@ def write_comparison(root: Path, rows: list[dict[str, Any]], task: str) -> None:
     (root / "compare.md").write_text(
         f"# tunesmith compare: {task}\n\nSame data, settings and step budget for every method.\n\n{header}\n{body}\n\n![comparison](compare.png)\n"
     )
-    width = max(len(c[0]) for c in COLUMNS) + 2
-    lines = ["".join(f"{c[0]:>{width}}" for c in COLUMNS)]
-    lines += [
-        "".join(f"{_cell(fmt, r.get(key)):>{width}}" for _, key, fmt in COLUMNS) for r in rows
-    ]
+    cells = [[c[0] for c in COLUMNS]]
+    cells += [[_cell(fmt, r.get(key)) for _, key, fmt in COLUMNS] for r in rows]
+    width = max(len(cell) for row in cells for cell in row) + 2
+    lines = ["".join(f"{cell:>{width}}" for cell in row) for row in cells]
     print("\n".join(lines))
     print(f"report: {root / 'compare.md'}, chart: {root / 'compare.png'}")
     names = [r["method"] for r in rows]
