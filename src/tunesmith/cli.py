@@ -94,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="held-out loss, perplexity and exact match",
-        description="Evaluate a run folder (on its config's held-out split) or a config's base model.",
+        help="held-out metrics of a run (sft: loss, perplexity, exact match; reward/dpo: preference accuracy)",
+        description="Evaluate a run folder on its config's held-out split (sft, reward or dpo), or an sft config's base model.",
     )
     e.add_argument("target", help="run folder or YAML config")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the config")

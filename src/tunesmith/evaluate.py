@@ -1,4 +1,8 @@
-"""``tunesmith eval``: held-out loss, perplexity and exact match for a run or a config's base model."""
+"""``tunesmith eval``: held-out metrics of a run (or of a config's base model, for sft).
+
+sft: loss, perplexity and exact match. reward: Bradley-Terry loss and pairwise accuracy. dpo:
+the preference loss, implicit rewards, margin and accuracy against the run's reference (the base
+with the method switched off, or the base model itself for full runs)."""
 
 from __future__ import annotations
 
@@ -6,12 +10,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import load_config
-from tunesmith.data.batching import Batches
+import torch
+from torch import nn
+
+from tunesmith.config import Config, load_config
+from tunesmith.data.batching import Batch, Batches
 from tunesmith.data.dataset import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.generate import exact_match
-from tunesmith.models import is_run_dir, load_for_inference, pick_device, resolve_model_path
+from tunesmith.models import (
+    is_run_dir,
+    load_for_inference,
+    load_model,
+    pick_device,
+    resolve_model_path,
+)
 from tunesmith.objectives.sft import SFTObjective
 from tunesmith.training.loop import evaluate
 
@@ -31,9 +44,11 @@ def evaluate_target(
     else:
         raise TunesmithError(f"{target}: neither a tunesmith run folder nor a config file.")
     if cfg.task != "sft":
-        raise TunesmithError(
-            f"tunesmith eval scores sft runs; a {cfg.task} run's held-out metrics are in its metrics.jsonl and report.md."
-        )
+        if not is_run_dir(target):
+            raise TunesmithError(
+                f"{target}: a {cfg.task} config's base model has nothing to compare yet; evaluate a {cfg.task} run folder."
+            )
+        return _evaluate_pairs(cfg, model, tokenizer)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     if not data.eval:
         raise TunesmithError(
@@ -58,3 +73,48 @@ def evaluate_target(
         out["exact_match"] = em.score
         out["exact_match_n"] = em.n
     return out
+
+
+def _evaluate_pairs(cfg: Config, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """Held-out preference metrics of a reward or DPO run, with its training objective."""
+    from tunesmith.objectives.dpo import REFERENCE_FREE, DPOObjective
+    from tunesmith.objectives.reward import RewardObjective
+    from tunesmith.objectives.sft import sequence_logps
+
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, pairs=True)
+    if not data.eval:
+        raise TunesmithError("data.eval: the run's config has no held-out pairs to evaluate on.")
+    device = next(model.parameters()).device
+    if cfg.task == "reward":
+        objective: Any = RewardObjective(cfg.reward.margin)
+    elif cfg.dpo.loss in REFERENCE_FREE:
+        objective = DPOObjective(cfg.dpo, None)
+    else:
+        method = getattr(model, "tunesmith_method", None)
+        if method is not None:  # a parameter-efficient run: its reference is the base
+
+            def reference(policy: nn.Module, batch: Batch) -> torch.Tensor:
+                with method.disable():
+                    return sequence_logps(policy, batch)[0]
+
+        else:  # a full run: the base model it started from
+            base = load_model(cfg.model, device).eval()
+
+            def reference(policy: nn.Module, batch: Batch) -> torch.Tensor:
+                return sequence_logps(base, batch)[0]
+
+        objective = DPOObjective(cfg.dpo, reference)
+    pad = tokenizer.pad_token_id
+    batches = Batches(
+        data.eval,
+        cfg.train.batch_size,
+        cfg.data.max_length,
+        pad,
+        False,
+        0,
+        shuffle=False,
+        pairs=True,
+    )
+    with torch.no_grad():
+        metrics = evaluate(model, objective, batches, device, cfg.train.precision)
+    return {"eval_pairs": len(data.eval) // 2, **metrics}

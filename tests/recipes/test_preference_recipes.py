@@ -152,3 +152,18 @@ def test_data_preview_shows_pairs(cache, tmp_path, micro, pairs, capsys):
     assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "--- chosen: " in out and "--- rejected: " in out and "[[ 0</s>]]" in out
+
+
+@pytest.mark.parametrize(
+    "task, method", [("dpo", "lora"), ("dpo", "full"), ("reward", "prefix"), ("reward", "lora")]
+)
+def test_eval_command_matches_training_eval(cache, tmp_path, micro, pairs, task, method):
+    """`tunesmith eval RUN` recomputes the held-out metrics the run logged at its end (for DPO
+    against the same reference: the base with the method off, or the base model for full)."""
+    from tunesmith.evaluate import evaluate_target
+
+    _, _, final = run(task, method, tmp_path / "r", micro, pairs)
+    again = evaluate_target(str(tmp_path / "r"))
+    assert again["eval_pairs"] == 16
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-4, abs=1e-5)
+    assert again["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
