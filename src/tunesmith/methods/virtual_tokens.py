@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.base import toggled
 
 PEFT_PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -127,16 +128,7 @@ class BackboneHooks:
         ]
 
     def disable(self) -> contextlib.AbstractContextManager[None]:
-        return _switched_off(self)
-
-
-@contextlib.contextmanager
-def _switched_off(hooks: BackboneHooks) -> Iterator[None]:
-    old, hooks.enabled = hooks.enabled, False
-    try:
-        yield
-    finally:
-        hooks.enabled = old
+        return toggled([self], "enabled", False)
 
 
 def head_tensors(method_params: set[int], trainable: list[tuple[str, nn.Parameter]]) -> dict:
