@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from tunesmith.config import Config, load_config
-from tunesmith.data.batching import Batch, Batches
+from tunesmith.data.batching import Batches
 from tunesmith.data.dataset import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.generate import exact_match
@@ -79,7 +78,6 @@ def _evaluate_pairs(cfg: Config, model: nn.Module, tokenizer: Any) -> dict[str, 
     """Held-out preference metrics of a reward or DPO run, with its training objective."""
     from tunesmith.objectives.dpo import REFERENCE_FREE, DPOObjective
     from tunesmith.objectives.reward import RewardObjective
-    from tunesmith.objectives.sft import sequence_logps
 
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, pairs=True)
     if not data.eval:
@@ -90,19 +88,12 @@ def _evaluate_pairs(cfg: Config, model: nn.Module, tokenizer: Any) -> dict[str, 
     elif cfg.dpo.loss in REFERENCE_FREE:
         objective = DPOObjective(cfg.dpo, None)
     else:
+        from tunesmith.recipes.dpo import disabled_reference, model_reference
+
         method = getattr(model, "tunesmith_method", None)
-        if method is not None:  # a parameter-efficient run: its reference is the base
-
-            def reference(policy: nn.Module, batch: Batch) -> torch.Tensor:
-                with method.disable():
-                    return sequence_logps(policy, batch)[0]
-
-        else:  # a full run: the base model it started from
-            base = load_model(cfg.model, device).eval()
-
-            def reference(policy: nn.Module, batch: Batch) -> torch.Tensor:
-                return sequence_logps(base, batch)[0]
-
+        reference = (  # a parameter-efficient run: the base under it; a full run: its base model
+            disabled_reference(method) if method else model_reference(load_model(cfg.model, device))
+        )
         objective = DPOObjective(cfg.dpo, reference)
     pad = tokenizer.pad_token_id
     batches = Batches(
@@ -115,6 +106,5 @@ def _evaluate_pairs(cfg: Config, model: nn.Module, tokenizer: Any) -> dict[str, 
         shuffle=False,
         pairs=True,
     )
-    with torch.no_grad():
-        metrics = evaluate(model, objective, batches, device, cfg.train.precision)
+    metrics = evaluate(model, objective, batches, device, cfg.train.precision)
     return {"eval_pairs": len(data.eval) // 2, **metrics}

@@ -12,15 +12,40 @@ The reference model costs no second copy when it can be avoided:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Batch
+from tunesmith.methods import Method
 from tunesmith.objectives.dpo import REFERENCE_FREE, DPOObjective
 from tunesmith.objectives.reference import cached_reference_logps
 from tunesmith.objectives.sft import sequence_logps
 from tunesmith.recipes.common import Context, RunResult, say, train_task
+
+Reference = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def disabled_reference(method: Method) -> Reference:
+    """log ref(y|x) from the policy itself with its method switched off (the frozen base)."""
+
+    def reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+        with method.disable():
+            return sequence_logps(model, batch)[0]
+
+    return reference
+
+
+def model_reference(frozen: nn.Module) -> Reference:
+    """log ref(y|x) from a separate, frozen model."""
+    frozen.eval().requires_grad_(False)
+
+    def reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return sequence_logps(frozen, batch)[0]
+
+    return reference
 
 
 def make_objective(ctx: Context) -> DPOObjective:
@@ -31,25 +56,16 @@ def make_objective(ctx: Context) -> DPOObjective:
     if mode == "auto":
         mode = "cache" if cfg.method.name == "full" else "disable"
     if mode == "disable":
-        method = ctx.method
-
-        def reference(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-            with method.disable():
-                return sequence_logps(model, batch)[0]
-
+        reference = disabled_reference(ctx.method)
     elif mode == "copy":
-        frozen = copy.deepcopy(ctx.model).eval().requires_grad_(False)
-
-        def reference(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-            return sequence_logps(frozen, batch)[0]
-
+        reference = model_reference(copy.deepcopy(ctx.model))
     else:
         for split in (ctx.data.train, ctx.data.eval):
             if split:
                 path = cached_reference_logps(ctx.model, split, cfg, ctx.device)
         say(f"reference log-probs cached in {path.parent}")
 
-        def reference(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        def reference(model: nn.Module, batch: Batch) -> torch.Tensor:
             return batch.ref_logps
 
     return DPOObjective(cfg.dpo, reference)
