@@ -37,12 +37,14 @@ from tunesmith.errors import ConfigError
 from tunesmith.methods.base import MethodBase, freeze, register
 from tunesmith.methods.virtual_tokens import (
     BackboneHooks,
+    attach,
     backbone_of,
-    batch_shape,
+    batch_size,
     cache_argument,
-    free_attribute,
     head_tensors,
+    is_fresh,
     load_prompt_learning,
+    real_cache,
     save_prompt_learning,
     shift_positions,
     unmergeable,
@@ -143,7 +145,7 @@ class Prefix(MethodBase):
         self.encoder = PrefixEncoder(
             init, hidden, (c.projection_hidden or hidden) if c.projection else None
         )
-        backbone.add_module(free_attribute(backbone, "prefix_encoder"), self.encoder)
+        attach(backbone, "prefix_encoder", self.encoder)
         self.hooks = BackboneHooks(backbone, self._before)
         self.model = model
         return model
@@ -175,16 +177,13 @@ class Prefix(MethodBase):
     def _before(self, kwargs: dict[str, Any]) -> bool:
         from transformers import DynamicCache
 
-        cache = kwargs.get(self.cache_key)
-        if getattr(cache, "tunesmith_scratch", False):
-            cache = None  # our own cache from a call that did not ask for one: not a real past
-        if cache is None or cache.get_seq_length() == 0:  # a fresh sequence: start it with P
+        cache = real_cache(kwargs, self.cache_key)
+        if is_fresh(cache):  # a fresh sequence: start it with P
             if cache is None:
                 cache = DynamicCache(config=self.model.config)
                 cache.tunesmith_scratch = not kwargs.get("use_cache")
-            batch, _ = batch_shape(kwargs)
             dtype = self.model.get_input_embeddings().weight.dtype
-            for layer, (k, v) in enumerate(self.key_values(batch, dtype)):
+            for layer, (k, v) in enumerate(self.key_values(batch_size(kwargs), dtype)):
                 cache.update(k, v, layer)
             kwargs[self.cache_key] = cache
         shift_positions(kwargs, self.config.virtual_tokens, prepend=False)

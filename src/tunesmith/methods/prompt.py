@@ -30,13 +30,14 @@ from tunesmith.errors import ConfigError
 from tunesmith.methods.base import MethodBase, freeze, register
 from tunesmith.methods.virtual_tokens import (
     BackboneHooks,
+    attach,
     backbone_of,
-    batch_shape,
+    batch_size,
     cache_argument,
-    cached_length,
-    free_attribute,
     head_tensors,
+    is_fresh,
     load_prompt_learning,
+    real_cache,
     save_prompt_learning,
     shift_positions,
     unmergeable,
@@ -87,7 +88,7 @@ class Prompt(MethodBase):
         self.cache_key = cache_argument(backbone)
         self.embed = backbone.get_input_embeddings()
         self.prompt = SoftPrompt(self._initial_prompt(model))
-        backbone.add_module(free_attribute(backbone, "soft_prompt"), self.prompt)
+        attach(backbone, "soft_prompt", self.prompt)
         self.hooks = BackboneHooks(backbone, self._before, self._after)
         self.model = model
         return model
@@ -111,9 +112,9 @@ class Prompt(MethodBase):
 
     def _before(self, kwargs: dict[str, Any]) -> bool:
         n = self.config.virtual_tokens
-        fresh = cached_length(kwargs, self.cache_key) == 0
+        fresh = is_fresh(real_cache(kwargs, self.cache_key))
         if fresh:  # the prompt is part of this call's input (later calls find it in the cache)
-            batch, _ = batch_shape(kwargs)
+            batch = batch_size(kwargs)
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
                 embeds = self.embed(kwargs.pop("input_ids"))  # (B, T, d)

@@ -57,16 +57,21 @@ def cache_argument(backbone: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def cached_length(kwargs: dict[str, Any], key: str) -> int:
+def real_cache(kwargs: dict[str, Any], key: str) -> Any:
+    """The call's key/value cache, unless it is a scratch cache prefix-tuning made for an earlier
+    call that asked for none (generation without cache passes it back: it is no real past)."""
     cache = kwargs.get(key)
-    return 0 if cache is None else int(cache.get_seq_length())
+    return None if getattr(cache, "tunesmith_scratch", False) else cache
 
 
-def batch_shape(kwargs: dict[str, Any]) -> tuple[int, torch.device]:
+def is_fresh(cache: Any) -> bool:
+    """Does this call start a sequence (nothing cached before it)?"""
+    return cache is None or cache.get_seq_length() == 0
+
+
+def batch_size(kwargs: dict[str, Any]) -> int:
     x = kwargs.get("input_ids")
-    if x is None:
-        x = kwargs["inputs_embeds"]
-    return x.shape[0], x.device
+    return (x if x is not None else kwargs["inputs_embeds"]).shape[0]
 
 
 def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
@@ -89,13 +94,14 @@ def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
         kwargs["position_ids"] = shifted
 
 
-def free_attribute(module: nn.Module, name: str) -> str:
-    """``name``, or ``name_2``, ... when several methods sit on one model."""
-    k, candidate = 1, name
-    while hasattr(module, candidate):
+def attach(backbone: nn.Module, name: str, module: nn.Module) -> None:
+    """Register ``module`` on the backbone as ``name`` (``name_2``, ... when several methods sit
+    on one model), so its parameters are the model's and train, save and move with it."""
+    k, free = 1, name
+    while hasattr(backbone, free):
         k += 1
-        candidate = f"{name}_{k}"
-    return candidate
+        free = f"{name}_{k}"
+    backbone.add_module(free, module)
 
 
 class BackboneHooks:
