@@ -38,7 +38,9 @@ class MultiAdapter:
         self.adapters: dict[str, Method] = {}
         self.active: str | None = None
         self._off = contextlib.ExitStack()  # the disable() contexts of every inactive adapter
-        weakref.finalize(self, self._off.close)  # leave them before interpreter shutdown
+        self._failed = contextlib.ExitStack()  # ... and of any whose loading failed
+        for stack in (self._off, self._failed):
+            weakref.finalize(self, stack.close)  # leave them before interpreter shutdown
 
     @classmethod
     def load(
@@ -71,12 +73,19 @@ class MultiAdapter:
                 f"({self.base_path}); adapters only fit the base they were trained on."
             )
         method = build_method(load_config(Path(run_dir) / "config.yaml").method)
-        with self._all_off():  # apply and load against the plain base
+        active = self.active
+        self.use(None)  # apply and load against the plain base
+        try:
             method.apply(self.model)
-            method.load(run_dir)
-        freeze(self.model)
-        self.adapters[name] = method
-        self.use(self.active)
+            try:
+                method.load(run_dir)
+            except Exception:
+                self._failed.enter_context(method.disable())  # half attached: never computes
+                raise
+            self.adapters[name] = method
+        finally:
+            freeze(self.model)
+            self.use(active)
 
     def use(self, name: str | None) -> None:
         """Make adapter ``name`` the active one (``None``: the base alone)."""
@@ -89,15 +98,6 @@ class MultiAdapter:
             if other != name:
                 self._off.enter_context(method.disable())
         self.active = name
-
-    @contextlib.contextmanager
-    def _all_off(self) -> Any:
-        active = self.active
-        self.use(None)
-        try:
-            yield
-        finally:
-            self.use(active)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

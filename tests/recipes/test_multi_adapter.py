@@ -72,3 +72,26 @@ def test_cli_generate_with_adapters(llama, runs, capsys):
     assert "=== base" in out and "=== lo" in out and "=== pr" in out
     assert main([*args, *adapters]) == 2  # several adapters and no --use
     assert "--use: several adapters attached (lo, pr)" in capsys.readouterr().err
+
+
+def test_failed_attach_leaves_the_model_as_it_was(llama, runs, tmp_path):
+    """An adapter whose weights do not load is never left half-attached and computing."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["pr"], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    x = torch.randint(6, 90, (1, 7), generator=torch.Generator().manual_seed(1))
+    multi = tunesmith.MultiAdapter.load(str(llama), {"lo": runs["lo"]}, torch.device("cpu"))
+    with torch.no_grad():
+        multi.use("lo")
+        with_lora = multi(x).logits
+        multi.use(None)
+        base = multi(x).logits
+    with pytest.raises(TunesmithError, match="no adapter_config.json and adapter_model"):
+        multi.add("broken", str(broken))
+    assert multi.active is None and list(multi.adapters) == ["lo"]
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x).logits, base)
+        multi.use("lo")
+        torch.testing.assert_close(multi(x).logits, with_lora)
