@@ -216,3 +216,15 @@ def test_virtual_token_methods_refuse_packing(llama, pc_data, tmp_path):
     raw["data"]["packing"] = "auto"
     raw["output_dir"] = str(tmp_path / "b")
     assert tunesmith.train(raw).metrics["packing_efficiency"] < 1.0  # padded rows, not packed
+    # (a packed run is below 1.0 too, so check what auto resolves to for each method itself)
+    from tunesmith.methods import build_method, method_config
+    from tunesmith.recipes.common import resolve_packing
+
+    resolved = {m: resolve_packing("auto", build_method(method_config(m))) for m in method_names()}
+    assert resolved == {
+        "adapter": True,
+        "full": True,
+        "lora": True,
+        "prefix": False,
+        "prompt": False,
+    }
