@@ -83,11 +83,16 @@ def count_tokens(model: Path, data: Path, max_length: int, pairs: bool = False) 
     """Real tokens tunesmith sees in one epoch (both sides of every pair for preference data)."""
     from tunesmith.config import DataConfig, ModelConfig
     from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.kinds import EXAMPLES, PAIRS
     from tunesmith.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name=str(model)), str(model))
+
     return prepare_data(
-        DataConfig(train=str(data), eval=None, max_length=max_length), tok, 0, pairs=pairs
+        DataConfig(train=str(data), eval=None, max_length=max_length),
+        tok,
+        0,
+        PAIRS if pairs else EXAMPLES,
     ).stats.tokens
 
 

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tunesmith import tasks  # noqa: F401  (registers the tasks and their config sections)
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.multi import MultiAdapter
-from tunesmith.recipes.common import RunResult
+from tunesmith.pipeline import RunResult
 
 __all__ = [
     "Config",
@@ -33,7 +34,21 @@ def train(
     overrides: Sequence[str] = (),
     resume: bool = False,
 ) -> RunResult:
-    """Run one training job from a YAML path, a dict or a :class:`Config` (plus dotted overrides)."""
-    from tunesmith import recipes
+    """Run one training job from a YAML path, a dict or a :class:`Config` (plus dotted overrides).
 
-    return recipes.run(load_config(config, overrides), resume=resume)
+    The model source is prepared first (the built-in model built, a run folder merged: explicit
+    steps, so that loading has no side effects); then the task's run is set up, trained by the
+    task's loop, and saved.
+    """
+    from tunesmith.pipeline import finish_run, setup_run
+    from tunesmith.prepare import ensure_model
+    from tunesmith.training.loop import LOOPS
+
+    cfg = load_config(config, overrides)
+    ensure_model(cfg.model.name)
+    run = setup_run(cfg, resume)
+    c = run.ctx
+    result = LOOPS[run.task.loop](
+        c.model, c.method, run.objective, run.source, run.evals, cfg.train, c.out, c.device, resume
+    )
+    return finish_run(run, result)

@@ -187,15 +187,19 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_data(a: argparse.Namespace) -> None:
     from tunesmith.config import load_config
     from tunesmith.data.preview import preview
+    from tunesmith.prepare import ensure_model
+    from tunesmith.tasks import get_task
 
-    print(preview(load_config(a.config, a.overrides), a.examples))
+    cfg = load_config(a.config, a.overrides)
+    print(preview(cfg, get_task(cfg.task).records, ensure_model(cfg.model.name), a.examples))
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
     import torch
 
     from tunesmith.generate import chat_prompt, generate
-    from tunesmith.models import load_for_inference
+    from tunesmith.models import is_run_dir, load_for_inference
+    from tunesmith.prepare import ensure_model
 
     def show(model: Any, tok: Any, title: str | None = None) -> None:
         torch.manual_seed(a.seed)
@@ -206,6 +210,8 @@ def _cmd_generate(a: argparse.Namespace) -> None:
         for p, o in zip(a.prompt, outs):
             print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
 
+    if not is_run_dir(a.model):
+        ensure_model(a.model)  # the built-in model is built on first use
     if not a.adapter:
         if a.use:
             raise TunesmithError("--use picks one of the --adapter NAME=RUN given; none was.")

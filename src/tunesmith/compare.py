@@ -18,22 +18,33 @@ from typing import Any
 import yaml
 
 from tunesmith.config import load_config
+from tunesmith.console import say
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import method_names
-from tunesmith.recipes.common import say
+from tunesmith.tasks import get_task
 
 ARTIFACTS = ("*.safetensors",)
-COLUMNS = (
+MEASURED = (
     ("method", "method", "{}"),
     ("trainable", "trainable_params", "{:,}"),
     ("% of model", "trainable_pct", "{:.2f}%"),
     ("peak MB", "peak_memory_mb", "{:,.0f}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("wall s", "train_seconds", "{:.1f}"),
-    ("eval loss", "eval_loss", "{:.4f}"),
-    ("exact match", "exact_match", "{:.1%}"),
-    ("artifact MB", "artifact_mb", "{:.2f}"),
 )
+# How a task's held-out metric is shown (others: their key, four decimals).
+METRIC_COLUMNS = {
+    "eval_loss": ("eval loss", "{:.4f}"),
+    "exact_match": ("exact match", "{:.1%}"),
+    "eval_accuracy": ("accuracy", "{:.1%}"),
+}
+ARTIFACT = ("artifact MB", "artifact_mb", "{:.2f}")
+
+
+def columns(metrics: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The table's columns: what every run measures, the task's metrics, the artifact size."""
+    shown = {m: METRIC_COLUMNS.get(m, (m, "{:.4f}")) for m in metrics}
+    return [*MEASURED, *((label, m, fmt) for m, (label, fmt) in shown.items()), ARTIFACT]
 
 
 def _method_spec(name: str, raw: dict[str, Any], options: Sequence[str]) -> dict[str, Any]:
@@ -81,6 +92,8 @@ def compare(
             f"--methods: unknown {', '.join(unknown)}; available: {', '.join(method_names())}."
         )
     cfg = load_config(config, overrides)
+    task = get_task(cfg.task)
+    metrics = task.compare_metrics
     raw = cfg.to_dict()
     root = Path(cfg.output_dir)
     if root.exists() and any(root.iterdir()):
@@ -103,26 +116,15 @@ def compare(
                 f"compare: the {name} run failed (see above); its config is {cfg_path}."
             )
         info = json.loads((run / "run.json").read_text())
-        row = {
-            "method": name,
-            **{
-                k: info.get(k)
-                for k in (
-                    "trainable_params",
-                    "total_params",
-                    "peak_memory_mb",
-                    "tokens_per_s",
-                    "train_seconds",
-                    "eval_loss",
-                )
-            },
-        }
+        keys = ("trainable_params", "total_params", "peak_memory_mb", "tokens_per_s")
+        row = {"method": name, **{k: info.get(k) for k in (*keys, "train_seconds", *metrics)}}
         row["trainable_pct"] = 100 * info["trainable_params"] / info["total_params"]
         row["artifact_mb"] = _artifact_mb(run)
-        if cfg.task == "sft" and samples:
-            row["exact_match"] = evaluate_target(str(run), samples=samples).get("exact_match")
+        if any(row[m] is None for m in metrics) and task.extra_eval is not None and samples:
+            scored = evaluate_target(str(run), samples=samples)  # metrics the run did not log
+            row.update({m: scored.get(m) for m in metrics if row[m] is None})
         rows.append(row)
-    if cfg.task == "sft" and samples:  # where the methods started from
+    if task.base_comparable and samples:  # where the methods started from
         base = evaluate_target(config, overrides, samples=samples)
         rows.insert(
             0,
@@ -130,11 +132,10 @@ def compare(
                 "method": "base (untrained)",
                 "trainable_params": 0,
                 "trainable_pct": 0.0,
-                "eval_loss": base.get("eval_loss"),
-                "exact_match": base.get("exact_match"),
+                **{m: base.get(m) for m in metrics},
             },
         )
-    write_comparison(root, rows, cfg.task)
+    write_comparison(root, rows, cfg.task, metrics)
     return rows
 
 
@@ -142,21 +143,24 @@ def _cell(fmt: str, value: Any) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def write_comparison(root: Path, rows: list[dict[str, Any]], task: str) -> None:
+def write_comparison(
+    root: Path, rows: list[dict[str, Any]], task: str, metrics: Sequence[str] = ("eval_loss",)
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|" + " --- |" * len(COLUMNS)
+    cols = columns(metrics)
+    header = "| " + " | ".join(c[0] for c in cols) + " |\n|" + " --- |" * len(cols)
     body = "\n".join(
-        "| " + " | ".join(_cell(fmt, r.get(key)) for _, key, fmt in COLUMNS) + " |" for r in rows
+        "| " + " | ".join(_cell(fmt, r.get(key)) for _, key, fmt in cols) + " |" for r in rows
     )
     (root / "compare.md").write_text(
         f"# tunesmith compare: {task}\n\nSame data, settings and step budget for every method.\n\n{header}\n{body}\n\n![comparison](compare.png)\n"
     )
-    cells = [[c[0] for c in COLUMNS]]
-    cells += [[_cell(fmt, r.get(key)) for _, key, fmt in COLUMNS] for r in rows]
+    cells = [[c[0] for c in cols]]
+    cells += [[_cell(fmt, r.get(key)) for _, key, fmt in cols] for r in rows]
     width = max(len(cell) for row in cells for cell in row) + 2
     lines = ["".join(f"{cell:>{width}}" for cell in row) for row in cells]
     print("\n".join(lines))
@@ -164,8 +168,7 @@ def write_comparison(root: Path, rows: list[dict[str, Any]], task: str) -> None:
     names = [r["method"] for r in rows]
     panels = [
         ("trainable_pct", "% of parameters trained"),
-        ("eval_loss", "held-out loss"),
-        ("exact_match", "held-out exact match"),
+        *((m, f"held-out {METRIC_COLUMNS.get(m, (m,))[0]}") for m in metrics),
         ("tokens_per_s", "tokens / s"),
     ]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]

@@ -112,59 +112,70 @@ class TrainConfig:
     """Show a progress bar."""
 
 
-@dataclass
-class DPOConfig:
-    loss: Literal["sigmoid", "cdpo", "ipo", "hinge", "simpo"] = "sigmoid"
-    """``sigmoid`` (DPO), ``cdpo`` (label-smoothed), ``ipo``, ``hinge`` or ``simpo`` (reference-free)."""
-    beta: float = 0.1
-    """Strength of the implicit KL constraint (and the reward scale)."""
-    label_smoothing: float = 0.0
-    """cDPO: probability that a preference label is flipped (0 <= e < 0.5)."""
-    simpo_gamma: float = 0.5
-    """SimPO: target reward margin gamma."""
-    reference: Literal["auto", "disable", "cache", "copy"] = "auto"
-    """Reference model: ``disable`` the method (free, not for ``full``), ``cache`` reference
-    log-probs computed once before training, or keep a frozen ``copy``. ``auto``: disable, or cache
-    with ``full``."""
+# ----------------------------------------------------------------------------------------------
+# Task settings: each task registers its name and its own section (``dpo:``, ``reward:``, ...)
+# from its own file (``tunesmith.tasks``), so this module never lists tasks.
 
 
-@dataclass
-class RewardConfig:
-    margin: float = 0.0
-    """Margin m in -log sigmoid(r_chosen - r_rejected - m)."""
+@dataclass(frozen=True)
+class TaskSettings:
+    section: type | None
+    """Dataclass of the task's own config section (under the task's name), or None."""
+    check: typing.Callable[[Config], None] | None = None
+    """Validation across sections (e.g. a setting that needs a method capability)."""
+
+
+TASKS: dict[str, TaskSettings] = {}
+
+
+def register_task_settings(
+    name: str, section: type | None, check: typing.Callable[[Config], None] | None = None
+) -> None:
+    TASKS[name] = TaskSettings(section, check)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model (a string is shorthand for ``model.name``)."""
-    task: Literal["sft", "reward", "dpo"] = "sft"
-    """What is learned: ``sft`` (imitate examples), ``reward`` (a reward model from preference
-    pairs), ``dpo`` (a policy from preference pairs: DPO and its siblings)."""
+    task: str = "sft"
+    """What is learned, a registered task: ``sft`` (imitate examples), ``reward`` (a reward model
+    from preference pairs), ``dpo`` (a policy from preference pairs: DPO and its siblings); see
+    ``tunesmith.tasks``."""
     method: Any = None
     """Which weights train: ``full`` or ``lora`` (a string is shorthand for ``method.name``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and loop settings."""
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    """Settings of task dpo."""
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    """Settings of task reward."""
     output_dir: str = "runs/run"
     """Run folder: resolved config, metrics, checkpoints and the final artifacts."""
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Every registered task's own settings by task name (``cfg.dpo`` reads ``sections['dpo']``);
+    in YAML each is a top-level section."""
 
     def __post_init__(self) -> None:
         if self.method is None:
             from tunesmith.methods import method_config
 
             self.method = method_config("lora")
+        for name, settings in TASKS.items():
+            if settings.section is not None and name not in self.sections:
+                self.sections[name] = settings.section()
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as written to ``config.yaml`` in the run folder."""
         out = dataclasses.asdict(self)
         out["method"] = {"name": self.method.name, **dataclasses.asdict(self.method)}
-        return out
+        sections = out.pop("sections")
+        output_dir = out.pop("output_dir")
+        return {**out, **sections, "output_dir": output_dir}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +275,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    names = _top_keys() if cls is Config else [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -329,20 +340,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError(
             f"method.name: got {name!r}; allowed: {', '.join(method_names())}.{_closest(str(name), method_names())}"
         )
+    sections = {
+        task: from_dict(settings.section, data.pop(task) or {}, task)
+        for task, settings in TASKS.items()
+        if settings.section is not None and task in data
+    }
     cfg = from_dict(Config, data)
+    if cfg.task not in TASKS:
+        raise ConfigError(
+            f"task: got {cfg.task!r}; allowed: {', '.join(sorted(TASKS))}.{_closest(cfg.task, TASKS)}"
+        )
     cfg.method = from_dict(type(method_config(name)), method, "method")
+    cfg.sections.update(sections)
     _check_data(cfg.data)
     _check_train(cfg.train)
-    _positive("dpo.beta", cfg.dpo.beta)
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(
-            f"dpo.label_smoothing: got {cfg.dpo.label_smoothing}; must be in [0, 0.5)."
-        )
-    if cfg.task == "dpo" and cfg.method.name == "full" and cfg.dpo.reference == "disable":
-        raise ConfigError(
-            "dpo.reference: 'disable' needs a parameter-efficient method; with method full use cache or copy."
-        )
+    check = TASKS[cfg.task].check
+    if check is not None:
+        check(cfg)
     return cfg
+
+
+def _top_keys() -> list[str]:
+    fields = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+    return fields + [t for t, s in TASKS.items() if s.section is not None]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

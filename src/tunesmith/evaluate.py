@@ -1,8 +1,9 @@
-"""``tunesmith eval``: held-out metrics of a run (or of a config's base model, for sft).
+"""``tunesmith eval``: held-out metrics of a run (or of a config's starting model).
 
-sft: loss, perplexity and exact match. reward: Bradley-Terry loss and pairwise accuracy. dpo:
-the preference loss, implicit rewards, margin and accuracy against the run's reference (the base
-with the method switched off, or the base model itself for full runs)."""
+Every task is scored the same way, from its declaration: the task's own objective on the held-out
+split (with the reference the run trained against, where it has one), plus the task's extra
+metrics (for sft, exact match of greedy generations).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from tunesmith.config import Config, load_config
-from tunesmith.data.batching import Batches
+from tunesmith.config import load_config
 from tunesmith.data.dataset import prepare_data
 from tunesmith.errors import TunesmithError
-from tunesmith.generate import exact_match
-from tunesmith.models import (
-    is_run_dir,
-    load_for_inference,
-    load_model,
-    pick_device,
-    resolve_model_path,
-)
-from tunesmith.objectives.sft import SFTObjective
+from tunesmith.models import is_run_dir, load_for_inference, load_model, pick_device
+from tunesmith.prepare import ensure_model
+from tunesmith.tasks import Context, get_task
+from tunesmith.tasks.base import held_out
 from tunesmith.training.loop import evaluate
 
 
@@ -37,74 +30,37 @@ def evaluate_target(
         model, tokenizer, _ = load_for_inference(target, pick_device(cfg.train.device))
     elif Path(target).is_file():
         cfg = load_config(target, overrides)
+        if not get_task(cfg.task).base_comparable:
+            raise TunesmithError(
+                f"{target}: a {cfg.task} config's starting model has nothing to compare yet; evaluate a {cfg.task} run folder."
+            )
         model, tokenizer, _ = load_for_inference(
-            resolve_model_path(cfg.model.name), pick_device(cfg.train.device)
+            ensure_model(cfg.model.name), pick_device(cfg.train.device)
         )
     else:
         raise TunesmithError(f"{target}: neither a tunesmith run folder nor a config file.")
-    if cfg.task != "sft":
-        if not is_run_dir(target):
-            raise TunesmithError(
-                f"{target}: a {cfg.task} config's base model has nothing to compare yet; evaluate a {cfg.task} run folder."
-            )
-        return _evaluate_pairs(cfg, model, tokenizer)
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    task = get_task(cfg.task)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
     if not data.eval:
         raise TunesmithError(
             "data.eval: the config has no held-out split to evaluate on; set data.eval to a fraction or a file."
         )
     device = next(model.parameters()).device
-    batches = Batches(
-        data.eval,
-        cfg.train.batch_size,
-        cfg.data.max_length,
-        tokenizer.pad_token_id,
-        False,
-        0,
-        shuffle=False,
+    ctx = Context(
+        cfg,
+        model,
+        tokenizer,
+        getattr(model, "tunesmith_method", None),
+        device,
+        data,
+        training=False,
+        starting_model=lambda: load_model(cfg.model, device, head=task.head),
     )
+    batches = held_out(ctx)
     out: dict[str, Any] = {
-        "eval_examples": len(data.eval),
-        **evaluate(model, SFTObjective(), batches, device, cfg.train.precision),
+        f"eval_{task.records.unit}": len(data.eval) // task.records.group,
+        **evaluate(model, task.objective(ctx), batches.one_pass(), device, cfg.train.precision),
     }
-    if samples and data.format != "text":
-        em = exact_match(model, tokenizer, data.eval_records, data.format, data.template, samples)
-        out["exact_match"] = em.score
-        out["exact_match_n"] = em.n
+    if task.extra_eval is not None:
+        out.update(task.extra_eval(ctx, samples))
     return out
-
-
-def _evaluate_pairs(cfg: Config, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
-    """Held-out preference metrics of a reward or DPO run, with its training objective."""
-    from tunesmith.objectives.dpo import REFERENCE_FREE, DPOObjective
-    from tunesmith.objectives.reward import RewardObjective
-
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, pairs=True)
-    if not data.eval:
-        raise TunesmithError("data.eval: the run's config has no held-out pairs to evaluate on.")
-    device = next(model.parameters()).device
-    if cfg.task == "reward":
-        objective: Any = RewardObjective(cfg.reward.margin)
-    elif cfg.dpo.loss in REFERENCE_FREE:
-        objective = DPOObjective(cfg.dpo, None)
-    else:
-        from tunesmith.recipes.dpo import disabled_reference, model_reference
-
-        method = getattr(model, "tunesmith_method", None)
-        reference = (  # a parameter-efficient run: the base under it; a full run: its base model
-            disabled_reference(method) if method else model_reference(load_model(cfg.model, device))
-        )
-        objective = DPOObjective(cfg.dpo, reference)
-    pad = tokenizer.pad_token_id
-    batches = Batches(
-        data.eval,
-        cfg.train.batch_size,
-        cfg.data.max_length,
-        pad,
-        False,
-        0,
-        shuffle=False,
-        pairs=True,
-    )
-    metrics = evaluate(model, objective, batches, device, cfg.train.precision)
-    return {"eval_pairs": len(data.eval) // 2, **metrics}

@@ -4,12 +4,14 @@ and load finished runs back for generation, evaluation and merging."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
 from tunesmith.errors import TunesmithError
 
@@ -18,6 +20,36 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "auto": "auto",
+}
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a task's model carries on its backbone, declared once for every task that uses it."""
+
+    auto_class: str
+    """The transformers Auto class that builds the model with this head."""
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``from_pretrained`` arguments (e.g. ``num_labels``)."""
+    new_modules: tuple[str, ...] = ()
+    """Attribute names of freshly initialised head modules: they train whole, whatever the method."""
+    saved_whole: bool = False
+    """Save the run as a whole model (the method merged in, where it can be), so the Auto class
+    alone loads it."""
+    peft_task_type: str = "CAUSAL_LM"
+    """The task type PEFT artifacts of this head declare."""
+
+
+HEADS: dict[str, Head] = {
+    "lm": Head("AutoModelForCausalLM"),
+    # A scalar on the last non-padding token (transformers' sequence-classification rule).
+    "reward": Head(
+        "AutoModelForSequenceClassification",
+        {"num_labels": 1},
+        new_modules=("score", "classifier"),
+        saved_whole=True,
+        peft_task_type="SEQ_CLS",
+    ),
 }
 
 
@@ -33,19 +65,28 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def resolve_model_path(name: str) -> str:
-    """A loadable path or hub id: ``builtin:NAME`` resolves to (and if needed builds) the cache folder."""
-    if name.startswith("builtin:"):
-        from tunesmith.builtin.model import ensure_builtin_model
+    """A loadable path or hub id for ``model.name``. Pure: nothing is built or written.
 
-        return str(ensure_builtin_model(name.split(":", 1)[1]))
+    ``builtin:NAME`` is its cache folder once built; a run folder of a parameter-efficient
+    method is its merged model (``RUN/merged``) once merged. ``tunesmith.prepare.ensure_model``
+    is the explicit step that builds or merges (``tunesmith.train`` calls it before loading).
+    """
+    if name.startswith("builtin:"):
+        short = name.split(":", 1)[1]
+        if not is_built(short):
+            raise TunesmithError(
+                f"model.name: {name} is not built yet; run `tunesmith builtin build --name {short}` "
+                "(tunesmith train and quickstart build it on first use)."
+            )
+        return str(builtin_path(short))
     path = Path(name).expanduser()
     if is_run_dir(path) and json.loads((path / "run.json").read_text())["artifact"] == "adapter":
-        # Start from a fine-tuned run (e.g. DPO after SFT): its adapter merged into a plain model.
         merged = path / "merged"
         if not (merged / "config.json").exists():
-            from tunesmith.merge import merge_run
-
-            merge_run(path, merged)
+            raise TunesmithError(
+                f"model.name: the run {path} is an adapter; merge it first with "
+                f"`tunesmith merge {path} --out {merged}` (tunesmith train does this on first use)."
+            )
         return str(merged)
     if path.exists():
         if not (path / "config.json").exists():
@@ -82,10 +123,10 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
 def load_model(
     mcfg: ModelConfig, device: torch.device, path: str | None = None, head: str = "lm"
 ) -> nn.Module:
-    """A causal LM (``head="lm"``) or a scalar-reward model on its backbone (``head="reward"``:
-    ``AutoModelForSequenceClassification`` with one label), from safetensors, on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The model with the task's head (a name in ``HEADS``), from safetensors, on ``device``."""
+    import transformers
 
+    spec = HEADS[head]
     path = path or resolve_model_path(mcfg.name)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[mcfg.dtype],
@@ -95,9 +136,8 @@ def load_model(
     }
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
-    if head == "reward":
-        kwargs["num_labels"] = 1
-    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    kwargs.update(spec.load_kwargs)
+    auto = getattr(transformers, spec.auto_class)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

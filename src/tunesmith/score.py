@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tunesmith.data.batching import collate
@@ -12,6 +11,7 @@ from tunesmith.data.formats import render_response
 from tunesmith.data.tokenize import tokenize_segments
 from tunesmith.errors import TunesmithError
 from tunesmith.models import is_run_dir, load_for_inference
+from tunesmith.objectives.reward import rewards
 
 
 @torch.no_grad()
@@ -42,9 +42,4 @@ def score(model_dir: str, prompt: str, responses: list[str], raw: bool = False) 
         ex, _ = tokenize_segments(segs, tok, "input", 1 << 30, "truncate", False)
         examples.append(ex)
     batch = collate(examples, [[i] for i in range(len(examples))], tok.pad_token_id)
-    mask = torch.from_numpy(
-        np.stack(
-            [np.pad(np.ones(len(e)), (0, batch.input_ids.shape[1] - len(e))) for e in examples]
-        )
-    ).long()
-    return model(input_ids=batch.input_ids, attention_mask=mask).logits[:, 0].tolist()
+    return rewards(model, batch).tolist()

@@ -22,7 +22,7 @@ def test_one_step_changes_trainable_and_keeps_frozen(tiny_model, pc_data, tmp_pa
     from tunesmith.data.batching import Batches
     from tunesmith.data.dataset import prepare_data
     from tunesmith.objectives.sft import SFTObjective
-    from tunesmith.recipes.common import setup_model
+    from tunesmith.pipeline import setup_model
     from tunesmith.training.loop import train_loop
 
     raw = base_config(
@@ -31,7 +31,8 @@ def test_one_step_changes_trainable_and_keeps_frozen(tiny_model, pc_data, tmp_pa
     # A 2-unit ReLU bottleneck (32 / 16) can start dead on every token of a random tiny model.
     raw["method"] = {"name": method, **({"bottleneck": 8} if method == "adapter" else {})}
     cfg = load_config(raw)
-    model, tok, method_obj, device, _ = setup_model(cfg)
+    model, tok, method_obj, _ = setup_model(cfg)
+    device = torch.device("cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = prepare_data(cfg.data, tok, 0)
     train_loop(
@@ -217,10 +218,13 @@ def test_virtual_token_methods_refuse_packing(llama, pc_data, tmp_path):
     raw["output_dir"] = str(tmp_path / "b")
     assert tunesmith.train(raw).metrics["packing_efficiency"] < 1.0  # padded rows, not packed
     # (a packed run is below 1.0 too, so check what auto resolves to for each method itself)
+    from tunesmith.data.kinds import EXAMPLES
     from tunesmith.methods import build_method, method_config
-    from tunesmith.recipes.common import resolve_packing
+    from tunesmith.tasks.base import resolve_packing
 
-    resolved = {m: resolve_packing("auto", build_method(method_config(m))) for m in method_names()}
+    resolved = {
+        m: resolve_packing("auto", build_method(method_config(m)), EXAMPLES) for m in method_names()
+    }
     assert resolved == {
         "adapter": True,
         "full": True,

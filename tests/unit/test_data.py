@@ -212,11 +212,14 @@ def test_pack_rows_fills_and_respects_limit():
 def test_batches_reproducible_and_resumable(tmp_path, tok, pc_data):
     data = prep(tok, pc_data)
     b = Batches(data.train, 4, 64, tok.pad_token_id, packing=True, seed=3)
-    first = [x.input_ids for _, x in zip(range(10), b.iterate())]
+    first = [x.input_ids for _, x in zip(range(10), b.stream())]
     again = [
         x.input_ids
-        for _, x in zip(range(10), Batches(data.train, 4, 64, tok.pad_token_id, True, 3).iterate())
+        for _, x in zip(range(10), Batches(data.train, 4, 64, tok.pad_token_id, True, 3).stream())
     ]
-    resumed = [x.input_ids for _, x in zip(range(4), b.iterate(start=6))]
+    state = Batches(data.train, 4, 64, tok.pad_token_id, True, 3)
+    state.load_state_dict({"position": 6})
+    resumed = [x.input_ids for _, x in zip(range(4), state.stream())]
+    assert b.state_dict() == {"position": 10}
     assert all(np.array_equal(a, c) for a, c in zip(first, again))
     assert all(np.array_equal(a, c) for a, c in zip(first[6:], resumed))

@@ -12,6 +12,7 @@ from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.config import DataConfig, load_config
 from tunesmith.data.batching import Batches
 from tunesmith.data.dataset import prepare_data
+from tunesmith.data.kinds import PAIRS as PAIRS_KIND
 from tunesmith.errors import DataError
 from tunesmith.methods import build_method, method_config
 from tunesmith.objectives.dpo import LOSSES, DPOObjective, PairLogps
@@ -37,12 +38,12 @@ def pair_data(tok, tmp_path, rows=PAIRS, **kw):
         DataConfig(train=str(write_jsonl(tmp_path / "p.jsonl", rows)), eval=None, **kw),
         tok,
         0,
-        pairs=True,
+        PAIRS_KIND,
     )
 
 
 def one_batch(data, tok):
-    b = Batches(data.train, len(data.train) // 2, 64, tok.pad_token_id, False, 0, pairs=True)
+    b = Batches(data.train, len(data.train) // 2, 64, tok.pad_token_id, False, 0, group=2)
     return b.collate(b.plan(0)[0])
 
 
@@ -128,18 +129,18 @@ def test_cached_reference_equals_recomputed(llama, tmp_path, tok, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(llama)
     data = pair_data(tok, tmp_path)
     path = cached_reference_logps(model, data.train, cfg, torch.device("cpu"))
-    first = [ex.ref_logp for ex in data.train]
+    first = [ex.extras["ref_logp"] for ex in data.train]
     for ex in data.train:
-        ex.ref_logp = None
+        ex.extras.clear()
     assert (
         cached_reference_logps(model, data.train, cfg, torch.device("cpu")) == path
     )  # a cache hit
     fresh = compute_reference_logps(model, data.train, 3, torch.device("cpu"), "fp32")
-    assert [ex.ref_logp for ex in data.train] == pytest.approx(first)
+    assert [ex.extras["ref_logp"] for ex in data.train] == pytest.approx(first)
     assert first == pytest.approx(fresh.tolist(), rel=1e-5)
     b = one_batch(data, tok)
     torch.testing.assert_close(
-        b.ref_logps, sequence_logps(model, b)[0].detach(), rtol=1e-5, atol=1e-5
+        b.extras["ref_logp"], sequence_logps(model, b)[0].detach(), rtol=1e-5, atol=1e-5
     )
 
 

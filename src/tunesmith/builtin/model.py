@@ -15,69 +15,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from tunesmith.errors import TunesmithError
-
-
-@dataclass(frozen=True)
-class BuiltinSpec:
-    """Architecture and pretraining budget of a built-in model."""
-
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    documents: int = 26_000
-    """Pretraining documents (a few fact sentences each)."""
-    epochs: float = 1.0
-    batch_size: int = 16
-    max_length: int = 256
-    lr: float = 3e-3
-    seed: int = 0
-    version: int = 1
-    """Bumped whenever the build changes, so caches rebuild."""
-
-
-SPECS = {
-    "tiny": BuiltinSpec(),
-    # A seconds-to-build stand-in with the same tokenizer and layout, for smoke tests.
-    "micro": BuiltinSpec(
-        hidden_size=32,
-        intermediate_size=64,
-        layers=2,
-        heads=2,
-        kv_heads=1,
-        documents=400,
-        batch_size=8,
-        max_length=128,
-    ),
-}
-
-
-def cache_root() -> Path:
-    if os.environ.get("TUNESMITH_CACHE"):
-        return Path(os.environ["TUNESMITH_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "tunesmith"
-
-
-def builtin_path(name: str) -> Path:
-    return cache_root() / "builtin" / f"{name}-v{SPECS[name].version}"
+from tunesmith.builtin.specs import SPECS, BuiltinSpec, builtin_path, is_built
+from tunesmith.console import say
 
 
 def ensure_builtin_model(name: str = "tiny", rebuild: bool = False) -> Path:
     """The folder of built-in model ``name``, built first if missing (or if ``rebuild``)."""
-    if name not in SPECS:
-        raise TunesmithError(
-            f"model.name: unknown built-in model 'builtin:{name}'; available: {', '.join('builtin:' + n for n in SPECS)}."
-        )
     path = builtin_path(name)
-    if rebuild or not (path / "build.json").exists():
+    if rebuild or not is_built(name):
         build_model(SPECS[name], path)
     return path
 
@@ -88,7 +38,6 @@ def build_model(spec: BuiltinSpec, path: Path, progress: bool = True) -> Path:
 
     from tunesmith.builtin.tasks import pretraining_corpus
     from tunesmith.builtin.tokenizer import build_tokenizer
-    from tunesmith.recipes.common import say
 
     path = Path(path)
     work = path.with_name(path.name + ".building")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import load_config
+from tunesmith.console import say
 from tunesmith.data.io import read_records
 from tunesmith.generate import ExactMatch, exact_match
 from tunesmith.models import (
@@ -24,9 +25,8 @@ from tunesmith.models import (
     load_model,
     load_tokenizer,
     pick_device,
-    resolve_model_path,
 )
-from tunesmith.recipes.common import say
+from tunesmith.prepare import ensure_model
 
 QUICKSTART = {
     "model": "builtin:tiny",
@@ -64,7 +64,7 @@ def quickstart(
     shutil.rmtree(out, ignore_errors=True)  # the demo's own folder, replaced on every run
     cfg = load_config({**QUICKSTART, "output_dir": str(out)}, overrides)
     device = pick_device(cfg.train.device)
-    base_path = resolve_model_path(cfg.model.name)  # builds the base model the first time
+    base_path = ensure_model(cfg.model.name)  # builds the base model the first time
     tokenizer = load_tokenizer(cfg.model, base_path)
     held_out, _ = read_records(cfg.data.eval)
 

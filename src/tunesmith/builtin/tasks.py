@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from tunesmith.data.io import Record
+from tunesmith.data.records import Record
 from tunesmith.errors import DataError
 
 OPS = {"plus": "+", "minus": "-"}

@@ -1,10 +1,12 @@
 """Rows, packing and batches.
 
 A *row* is one or more examples laid end to end. Each example keeps its own position ids
-(0, 1, 2, ... restarting at every example) and no attention mask is passed: transformers then
-detects the restarts and builds a block-diagonal causal mask (or variable-length attention with
-flash-attention), so no token attends across an example boundary and each example's loss is the
-same packed or unpacked. Padding at the end of a row is its own block with label -100.
+(0, 1, 2, ... restarting at every example). A batch always carries an attention mask (1 for
+real tokens); a packed batch does not pass it to the model: transformers then detects the
+restarts in the position ids and builds a block-diagonal causal mask (or variable-length
+attention with flash-attention), so no token attends across an example boundary and each
+example's loss is the same packed or unpacked. Padding at the end of a row is its own block with
+label -100.
 
 The order of rows depends only on (seed, epoch), so a resumed run sees exactly the batches an
 uninterrupted one would.
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -53,27 +56,50 @@ def pack_rows(
 
 @dataclass
 class Batch:
+    """What every task's step consumes. ``extras`` holds the fields a task declares (cached
+    reference log-probs, class labels, teacher outputs, rollout masks and advantages, ...)."""
+
     input_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T) shifted targets, IGNORE where unsupervised
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens, 0 for padding
     position_ids: torch.Tensor  # (B, T) restarting at every example
+    labels: torch.Tensor | None  # (B, T) shifted next-token targets, IGNORE where unsupervised
     n_tokens: int  # real (non-pad) tokens
-    ref_logps: torch.Tensor | None = None  # (B,) cached reference log-probs, one example per row
+    packed: bool = False  # some row holds several examples
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
         return Batch(
-            self.input_ids.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.position_ids.to(device, non_blocking=True),
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.position_ids),
+            None if self.labels is None else move(self.labels),
             self.n_tokens,
-            None if self.ref_logps is None else self.ref_logps.to(device),
+            self.packed,
+            {k: move(v) for k, v in self.extras.items()},
         )
 
     @property
     def n_supervised(self) -> int:
-        return int((self.labels != IGNORE).sum())
+        return 0 if self.labels is None else int((self.labels != IGNORE).sum())
+
+    @property
+    def supervised(self) -> torch.Tensor:
+        """(B, T) bool: positions with a next-token target."""
+        return self.labels != IGNORE
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        """Keyword arguments for the root model's forward.
+
+        A packed batch passes no attention mask: transformers then reads the example boundaries
+        from the restarting position ids and builds a block-diagonal causal mask (padding at the
+        end of a row is a block of its own, never attended to by real tokens)."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if not self.packed:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
 
 
 def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
@@ -81,6 +107,7 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
     width = max(sum(len(examples[i]) for i in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
     n_tokens = 0
     for b, row in enumerate(rows):
@@ -92,18 +119,48 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
             labels[b, t : t + n] = ex.labels
             pos[b, t : t + n] = np.arange(n)
             t += n
+        mask[b, :t] = 1
         n_tokens += t
         pos[b, t:] = np.arange(width - t)  # padding forms its own block
-    ref = None
-    if all(len(row) == 1 and examples[row[0]].ref_logp is not None for row in rows):
-        ref = torch.tensor([examples[row[0]].ref_logp for row in rows])
+    extras = {}
+    if all(len(row) == 1 for row in rows):
+        first = examples[rows[0][0]].extras
+        for key in first:
+            if all(key in examples[row[0]].extras for row in rows):
+                extras[key] = torch.tensor([examples[row[0]].extras[key] for row in rows])
     return Batch(
-        torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_tokens, ref
+        torch.from_numpy(ids),
+        torch.from_numpy(mask),
+        torch.from_numpy(pos),
+        torch.from_numpy(labels),
+        n_tokens,
+        packed=any(len(row) > 1 for row in rows),
+        extras=extras,
     )
 
 
+class BatchSource(Protocol):
+    """What the loop trains on: a replayable data set or a producer (e.g. rollouts).
+
+    Either resumes exactly: the loop saves ``state_dict()`` in every checkpoint and hands it back
+    to ``load_state_dict()`` before asking for ``stream()``."""
+
+    def stream(self) -> Iterator[Batch]:
+        """Micro-batches, without end, from the current position."""
+
+    def micro_batches_per_epoch(self) -> int | None:
+        """Length of one pass over the data (None for a producer: set train.max_steps)."""
+
+    def epoch_of(self, micro_batch: int) -> float:
+        """Fractional epoch reached after ``micro_batch`` micro-batches."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Batches:
-    """The micro-batches of every epoch, reproducible from (seed, epoch)."""
+    """The micro-batches of every epoch, reproducible from (seed, epoch): a replayable source."""
 
     def __init__(
         self,
@@ -114,28 +171,28 @@ class Batches:
         packing: bool,
         seed: int,
         shuffle: bool = True,
-        pairs: bool = False,
+        group: int = 1,
     ) -> None:
-        """With ``pairs``, ``examples`` alternate chosen / rejected and the unit of order and
-        batching is a pair; a batch of B pairs has 2B rows, all chosen first, then all rejected,
-        so both go through the model in one forward pass. Pairs are never packed."""
+        """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
+        preference pair: chosen, rejected); the unit of order and batching is a group, and a
+        batch of B groups has kB rows, all first members, then all second members, and so on.
+        Groups are never packed."""
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_id = pad_id
-        self.pairs = pairs
-        self.packing = packing and not pairs
+        self.group = group
+        self.packing = packing and group == 1
         self.seed = seed
         self.shuffle = shuffle
-        self.lengths = [len(e) for e in examples]
-        if pairs:  # a pair is as long as its longer side
-            self.lengths = [
-                max(self.lengths[i], self.lengths[i + 1]) for i in range(0, len(examples), 2)
-            ]
+        self.position = 0  # micro-batches handed out so far
+        lengths = [len(e) for e in examples]
+        # A group is as long as its longest member.
+        self.lengths = [max(lengths[i : i + group]) for i in range(0, len(examples), group)]
         self._plans: dict[int, list[list[Row]]] = {}
 
     def plan(self, epoch: int) -> list[list[Row]]:
-        """The batches (lists of rows) of one epoch."""
+        """The batches (lists of rows of group indices) of one epoch."""
         if epoch not in self._plans:
             order = list(range(len(self.lengths)))
             if self.shuffle:
@@ -153,24 +210,37 @@ class Batches:
         return self._plans[epoch]
 
     def collate(self, rows: list[Row]) -> Batch:
-        if self.pairs:
-            rows = [[2 * r[0]] for r in rows] + [[2 * r[0] + 1] for r in rows]
+        g = self.group
+        if g > 1:
+            rows = [[g * r[0] + m] for m in range(g) for r in rows]
         return collate(self.examples, rows, self.pad_id)
 
-    def __len__(self) -> int:
+    def micro_batches_per_epoch(self) -> int:
         """Micro-batches in the first epoch (later epochs differ by at most a few when packing)."""
         return len(self.plan(0))
 
-    def iterate(self, start: int = 0) -> Iterator[Batch]:
-        """Micro-batches forever, skipping the first ``start`` (for resume), epoch after epoch."""
+    def one_pass(self) -> Iterator[Batch]:
+        """The first epoch's micro-batches, once (evaluation)."""
+        for rows in self.plan(0):
+            yield self.collate(rows)
+
+    def stream(self) -> Iterator[Batch]:
+        """Micro-batches forever from ``position``, epoch after epoch."""
         epoch, seen = 0, 0
         while True:
             plan = self.plan(epoch)
             for k, rows in enumerate(plan):
-                if seen + k >= start:
+                if seen + k >= self.position:
+                    self.position += 1
                     yield self.collate(rows)
             seen += len(plan)
             epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
 
     def epoch_of(self, micro_batch: int) -> float:
         """Fractional epoch reached after ``micro_batch`` micro-batches."""

@@ -12,6 +12,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.batching import collate
 from tunesmith.data.formats import detect_format, render, render_pair, resolve_template
 from tunesmith.data.io import Record, read_records
+from tunesmith.data.kinds import EXAMPLES, RecordKind
 from tunesmith.data.tokenize import Example, TokenStats, adds_bos, tokenize_segments
 from tunesmith.errors import ConfigError, DataError
 
@@ -153,11 +154,13 @@ def check_padding(examples: list[Example], tokenizer: Any, where: str) -> None:
         )
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, pairs: bool = False) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, kind: RecordKind = EXAMPLES
+) -> PreparedData:
     """Read, split, render and tokenise the configured data; run the pre-flight check.
 
-    With ``pairs`` (reward, DPO) the data must be preference pairs; ``train`` and ``eval`` then
-    hold chosen and rejected examples alternately: [c0, r0, c1, r1, ...].
+    The data must be of the task's record ``kind``; a record of k sides becomes k adjacent
+    examples (preference pairs: [c0, r0, c1, r1, ...]).
     """
     records, report = read_records(cfg.train, cfg.split, cfg.skip_bad_rows)
     notes = []
@@ -178,13 +181,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, pairs: bool = False
         notes.append(
             f"format: auto chose '{fmt}' from the fields {sorted(train_records[0].fields)}"
         )
-    if (fmt == "preference") != pairs:
-        want = (
-            "preference pairs (prompt, chosen, rejected)"
-            if pairs
-            else "examples to imitate, not preference pairs"
+    if fmt not in kind.formats:
+        raise ConfigError(
+            f"data.format: '{fmt}' does not fit this task, which trains on {kind.describe}."
         )
-        raise ConfigError(f"data.format: '{fmt}' does not fit this task, which trains on {want}.")
     template = resolve_template(cfg.template, tokenizer)
     train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad = report.skipped

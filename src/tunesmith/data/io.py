@@ -9,19 +9,11 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from tunesmith.data.records import Record
 from tunesmith.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-@dataclass
-class Record:
-    """One example as read, plus where it came from (for error messages)."""
-
-    fields: dict[str, Any]
-    origin: str
 
 
 @dataclass

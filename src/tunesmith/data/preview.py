@@ -9,8 +9,9 @@ import numpy as np
 from tunesmith.config import Config
 from tunesmith.data.batching import Batches
 from tunesmith.data.dataset import prepare_data
+from tunesmith.data.kinds import RecordKind
 from tunesmith.data.tokenize import IGNORE, Example
-from tunesmith.models import load_tokenizer, resolve_model_path
+from tunesmith.models import load_tokenizer
 
 OPEN, CLOSE = "[[", "]]"
 
@@ -30,18 +31,18 @@ def mark_supervised(ex: Example, tokenizer: Any) -> str:
     return "".join(out)
 
 
-def preview(cfg: Config, n: int = 3) -> str:
-    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name))
-    pairs = cfg.task in ("reward", "dpo")
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, pairs=pairs)
+def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
+    """Rendered examples of the first ``n`` records of the task's ``kind``, and statistics."""
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, kind)
+    group = kind.group
     s = data.stats
     lines = [
         f"data: {cfg.data.train} (format {data.format}); trained tokens are marked {OPEN}like this{CLOSE}",
         "",
     ]
-    shown = data.train[: 2 * n] if pairs else data.train[:n]
-    for k, ex in enumerate(shown):
-        side = ("chosen: " if k % 2 == 0 else "rejected: ") if pairs else ""
+    for k, ex in enumerate(data.train[: group * n]):
+        side = f"{kind.sides[k % group]}: " if group > 1 else ""
         lines += [
             f"--- {side}{ex.origin} ({len(ex)} tokens, {ex.n_supervised} scored)",
             mark_supervised(ex, tokenizer),
@@ -67,12 +68,12 @@ def preview(cfg: Config, n: int = 3) -> str:
     lines += [
         "statistics:",
         f"  examples           {s.examples:,} train, {data.eval_stats.examples:,} eval"
-        + (" (a chosen and a rejected example per pair)" if pairs else ""),
+        + (f" ({' and '.join(kind.sides)} per record)" if group > 1 else ""),
         f"  tokens             {s.tokens:,} (length min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()})",
         f"  supervised tokens  {s.supervised:,} ({100 * s.supervised / max(s.tokens, 1):.1f}% of tokens)",
         f"  truncated          {s.truncated:,} (data.max_length={cfg.data.max_length}, data.truncation={cfg.data.truncation})",
         f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train"
-        f"{' or identical / empty pair' if pairs else ''} {s.dropped_unsupervised}, malformed {s.skipped_bad})",
+        f"{' or identical / empty sides' if group > 1 else ''} {s.dropped_unsupervised}, malformed {s.skipped_bad})",
         f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing})",
     ]
     same = tokenizer.pad_token_id == tokenizer.eos_token_id

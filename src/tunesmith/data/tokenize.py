@@ -24,7 +24,9 @@ class Example:
     input_ids: np.ndarray  # (L,) int64
     labels: np.ndarray  # (L,) int64, already shifted; IGNORE where not supervised
     origin: str
-    ref_logp: float | None = None  # cached reference log-prob (DPO with method full)
+    extras: dict[str, float | int] = field(default_factory=dict)
+    """Per-example values a task attaches (a cached reference log-prob, a class label, ...);
+    collated into ``Batch.extras`` for one-example rows."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

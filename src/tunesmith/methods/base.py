@@ -26,6 +26,16 @@ class Method(Protocol):
     name: ClassVar[str]
     packing_ok: ClassVar[bool]
     """Whether a row may hold several packed examples (not for methods that prepend to rows)."""
+    frozen_base: ClassVar[bool]
+    """Whether ``disable()`` gives back the starting model (a free reference, no second copy)."""
+    mergeable: ClassVar[bool]
+    """Whether ``merge()`` folds the method into plain weights."""
+    artifact: ClassVar[str]
+    """What ``save`` writes: ``model`` (a whole transformers model) or ``adapter`` (the method's
+    weights only, loaded on top of the base)."""
+    task_type: str
+    """PEFT's task type the artifact declares (``CAUSAL_LM``, ``SEQ_CLS``): set from the model's
+    head before saving."""
     config: Any
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -59,6 +69,11 @@ _REGISTRY: dict[str, tuple[type, type]] = {}
 def register(config_cls: type, method_cls: type) -> None:
     """Make a method available by ``config_cls.name`` in configs and the CLI."""
     _REGISTRY[config_cls.name] = (config_cls, method_cls)
+
+
+def method_class(name: str) -> type:
+    """The method class registered as ``name`` (its capabilities are class attributes)."""
+    return _REGISTRY[name][1]
 
 
 def method_names() -> list[str]:
@@ -116,10 +131,14 @@ class MethodBase:
 
     name: ClassVar[str]
     packing_ok: ClassVar[bool] = True
+    frozen_base: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    artifact: ClassVar[str] = "adapter"
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.model: nn.Module | None = None
+        self.task_type = "CAUSAL_LM"
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return named_trainable(self.model)

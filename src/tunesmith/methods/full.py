@@ -28,6 +28,9 @@ class FullConfig:
 
 class Full(MethodBase):
     name: ClassVar[str] = "full"
+    frozen_base: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = True
+    artifact: ClassVar[str] = "model"
 
     def apply(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -155,6 +155,7 @@ def _select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, str
 
 class LoRA(MethodBase):
     name: ClassVar[str] = "lora"
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, config: LoRAConfig) -> None:
         super().__init__(config)
@@ -180,7 +181,7 @@ class LoRA(MethodBase):
             targets = c.targets
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "base_model_name_or_path": base_model,
             "r": c.rank,
             "lora_alpha": c.alpha,

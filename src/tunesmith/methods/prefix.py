@@ -193,7 +193,7 @@ class Prefix(MethodBase):
         layers, kv_heads, head_dim = self.shape
         return {
             "peft_type": "PREFIX_TUNING",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "base_model_name_or_path": base_model,
             "num_virtual_tokens": self.config.virtual_tokens,
             "num_layers": layers,

@@ -135,7 +135,7 @@ class Prompt(MethodBase):
         c = self.model.config.get_text_config()
         return {
             "peft_type": "PROMPT_TUNING",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "base_model_name_or_path": base_model,
             "num_virtual_tokens": self.config.virtual_tokens,
             "token_dim": self.prompt.weight.shape[1],

@@ -21,15 +21,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.config import DPOConfig
 from tunesmith.data.batching import Batch
+from tunesmith.errors import ConfigError
 from tunesmith.objectives.reward import pair_accuracy
 from tunesmith.objectives.sft import sequence_logps
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "cdpo", "ipo", "hinge", "simpo"] = "sigmoid"
+    """``sigmoid`` (DPO), ``cdpo`` (label-smoothed), ``ipo``, ``hinge`` or ``simpo`` (reference-free)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (and the reward scale)."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a preference label is flipped (0 <= e < 0.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO: target reward margin gamma."""
+    reference: Literal["auto", "disable", "cache", "copy"] = "auto"
+    """Reference model: ``disable`` the method (free, not for ``full``), ``cache`` reference
+    log-probs computed once before training, or keep a frozen ``copy``. ``auto``: disable, or cache
+    with ``full``."""
+
+    def check(self, prefix: str) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"{prefix}.beta: got {self.beta}; must be > 0.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"{prefix}.label_smoothing: got {self.label_smoothing}; must be in [0, 0.5)."
+            )
 
 
 @dataclass

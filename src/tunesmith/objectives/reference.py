@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunesmith.builtin.model import cache_root
 from tunesmith.config import Config
 from tunesmith.data.batching import Batches
 from tunesmith.data.tokenize import Example
 from tunesmith.objectives.sft import sequence_logps
+from tunesmith.paths import cache_root
 from tunesmith.training.loop import autocast
 
 
@@ -47,7 +47,7 @@ def compute_reference_logps(
     model.eval()
     out = np.zeros(len(examples), dtype=np.float32)
     batches = Batches(examples, batch_size, 0, 0, packing=False, seed=0, shuffle=False)
-    for rows in batches.plan(0):
+    for rows in batches.plan(0):  # one example per row, so row k is example rows[k][0]
         with autocast(device, precision):
             logps, _ = sequence_logps(model, batches.collate(rows).to(device))
         out[[r[0] for r in rows]] = logps.float().cpu().numpy()
@@ -58,7 +58,7 @@ def compute_reference_logps(
 def cached_reference_logps(
     model: nn.Module, examples: list[Example], cfg: Config, device: torch.device
 ) -> Path:
-    """Attach ``ref_logp`` to every example, from the cache or computed now; return the file."""
+    """Attach ``extras["ref_logp"]`` to every example, from the cache or computed now; return the file."""
     path = cache_root() / "reference" / f"{cache_key(model, examples, cfg)}.safetensors"
     if path.exists():
         values = load_file(str(path))["logps"].numpy()
@@ -71,5 +71,5 @@ def cached_reference_logps(
         save_file({"logps": torch.from_numpy(values)}, str(tmp))
         tmp.replace(path)
     for ex, v in zip(examples, values):
-        ex.ref_logp = float(v)
+        ex.extras["ref_logp"] = float(v)
     return path

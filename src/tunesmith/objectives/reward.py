@@ -9,6 +9,8 @@ token transformers' ``*ForSequenceClassification`` models read) and m an optiona
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,22 +18,16 @@ from torch import nn
 from tunesmith.data.batching import Batch
 
 
-def last_token_index(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
-    """(R,) index of each row's last non-padding token (transformers' rule)."""
-    if pad_id is None:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return (positions * (input_ids != pad_id)).argmax(-1)
+@dataclass
+class RewardConfig:
+    margin: float = 0.0
+    """Margin m in -log sigmoid(r_chosen - r_rejected - m)."""
 
 
 def rewards(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """(R,) scalar reward of every row, from a ``*ForSequenceClassification`` model."""
-    hidden = model.base_model(
-        **batch.model_inputs(), use_cache=False
-    ).last_hidden_state  # (R, T, H)
-    idx = last_token_index(batch.input_ids, model.config.pad_token_id)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (R, H)
-    return model.score(last).squeeze(-1).float()  # (R,)
+    """(R,) scalar reward of every row: the root forward of a ``*ForSequenceClassification``
+    model, which reads the last non-padding token of each row."""
+    return model(**batch.model_inputs(), use_cache=False).logits.squeeze(-1).float()  # (R,)
 
 
 def pair_accuracy(margins: torch.Tensor) -> torch.Tensor:

@@ -6,47 +6,39 @@ where S is the set of supervised positions over *all* micro-batches of an optimi
 N = |S|. The objective returns the sum over one micro-batch; the loop divides by N, so batch 8 x
 accumulation 1 and batch 1 x accumulation 8 give the same gradient.
 
-Speed: logits are computed only at supervised positions (``lm_head(h[S])``), so prompt tokens
-cost no vocabulary projection. Models whose head post-processes logits (soft-capping, scaling)
-take the plain forward instead.
+Speed: logits are computed only at supervised positions, so prompt tokens cost no vocabulary
+projection. The objective calls the root model's forward (the object DDP or FSDP would wrap) with
+``logits_to_keep`` set to the (B, T) boolean mask of supervised positions; transformers then
+applies the LM head (and any logit post-processing of the model: soft-capping, scaling) to those
+positions only and returns (N, V) logits. A model whose forward does not take a boolean mask
+returns (B, T, V) logits, from which the same positions are taken.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.data.batching import Batch
-from tunesmith.data.tokenize import IGNORE
-
-# Config attributes of models whose logits are not just lm_head(h).
-_LOGIT_POSTPROCESS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier_scale",
-)
 
 
-def _plain_head(model: nn.Module) -> bool:
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return all(getattr(text_cfg, a, None) in (None, 1, 1.0) for a in _LOGIT_POSTPROCESS)
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module; FSDP2 does not wrap
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def supervised_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits at supervised positions (N, V), their targets (N,))."""
-    mask = batch.labels != IGNORE  # (B, T)
+    """(logits at supervised positions (N, V), their targets (N,)), from the root forward."""
+    mask = batch.supervised  # (B, T)
     targets = batch.labels[mask]  # (N,)
-    if _plain_head(model):
-        hidden = model.base_model(
-            **batch.model_inputs(), use_cache=False
-        ).last_hidden_state  # (B, T, H)
-        logits = model.get_output_embeddings()(hidden[mask])  # (N, V)
-    else:
-        logits = model(**batch.model_inputs(), use_cache=False).logits[mask]
-    return logits, targets
+    kwargs = {"logits_to_keep": mask} if _accepts_logits_to_keep(model) else {}
+    logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
+    if logits.dim() == 3:  # (B, T, V): the forward kept every position
+        logits = logits[mask]
+    return logits, targets  # (N, V), (N,)
 
 
 class SFTObjective:
@@ -72,7 +64,7 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     token_logps = (
         torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     )  # (N,)
-    rows = (batch.labels != IGNORE).nonzero()[:, 0]  # (N,) row of each supervised token
+    rows = batch.supervised.nonzero()[:, 0]  # (N,) row of each supervised token
     n_rows = batch.labels.shape[0]
     sums = torch.zeros(n_rows, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(n_rows, device=token_logps.device).index_add(

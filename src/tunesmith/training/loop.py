@@ -1,7 +1,8 @@
-"""The supervised loop, shared by every offline task (sft now; classify, reward, dpo, distill later).
+"""The training loop, shared by every task: a task hands it a batch source and an objective.
 
-A task hands the loop its batches and an objective; the loop owns the optimiser, accumulation,
-precision, evaluation, checkpoints, logging and progress. An objective is any object with
+The loop owns the optimiser, accumulation, precision, evaluation, checkpoints, logging and
+progress. The source is a replayable data set or a producer (rollouts); both resume exactly from
+the state saved in each checkpoint. An objective is any object with
 
     count(batch) -> int                        # normaliser contribution (tokens, pairs, ...)
     __call__(model, batch) -> (loss_sum, metrics)
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 from tunesmith.config import TrainConfig
-from tunesmith.data.batching import Batch, Batches
+from tunesmith.data.batching import Batch, Batches, BatchSource
+from tunesmith.errors import ConfigError
 from tunesmith.methods.base import Method
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.logging import MetricsLog, progress
@@ -54,9 +57,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
+def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int | None) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
+    if micro_batches_per_epoch is None:
+        raise ConfigError(
+            "train.max_steps: this task produces its batches while it trains (no epochs); set train.max_steps."
+        )
     return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum))
 
 
@@ -65,10 +72,25 @@ def _add(total: dict[str, float], part: dict[str, float]) -> None:
         total[k] = total.get(k, 0.0) + v
 
 
-def accumulate_gradients(
-    model: nn.Module, objective: Objective, micro: list[Batch], device: torch.device, precision: str
-) -> tuple[float, dict[str, float]]:
-    """Backward over one step's micro-batches; return the step's mean loss and mean metrics.
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]
+    grad_norm: float
+    tokens: int
+
+
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    micro: list[Batch],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    params: list[nn.Parameter],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> StepResult:
+    """One optimiser step over ``micro``: forward, loss, backward, clip, step.
 
     Each micro-batch's summed loss is divided by the count of the *whole* step, so the gradient
     is that of one big batch whatever the split into micro-batches. Objectives report metrics as
@@ -77,19 +99,28 @@ def accumulate_gradients(
     count = max(sum(objective.count(b) for b in micro), 1)
     loss_sum, metrics = 0.0, {}
     for batch in micro:
-        with autocast(device, precision):
+        with autocast(device, cfg.precision):
             part, m = objective(model, batch.to(device))
         (part / count).backward()
         loss_sum += float(part.detach())
         _add(metrics, m)
-    return loss_sum / count, {k: v / count for k, v in metrics.items()}
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(
+        loss_sum / count,
+        {k: v / count for k, v in metrics.items()},
+        float(grad_norm),
+        sum(b.n_tokens for b in micro),
+    )
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     objective: Objective,
-    batches: Batches,
+    batches: Iterable[Batch],
     device: torch.device,
     precision: str,
     max_batches: int | None = None,
@@ -99,10 +130,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, count, metrics = 0.0, 0, {}
-    for k, rows in enumerate(batches.plan(0)):
+    for k, batch in enumerate(batches):
         if max_batches is not None and k >= max_batches:
             break
-        batch = batches.collate(rows).to(device)
+        batch = batch.to(device)
         with autocast(device, precision):
             loss, m = objective(model, batch)
         loss_sum += float(loss)
@@ -128,7 +159,7 @@ def train_loop(
     model: nn.Module,
     method: Method,
     objective: Objective,
-    train: Batches,
+    source: BatchSource,
     evals: Batches | None,
     cfg: TrainConfig,
     output_dir: Path,
@@ -136,20 +167,21 @@ def train_loop(
     resume: bool = False,
 ) -> LoopResult:
     """Run the optimisation; checkpoints go to ``output_dir/checkpoints``."""
-    steps = total_steps(cfg, len(train))
+    steps = total_steps(cfg, source.micro_batches_per_epoch())
+    params = [p for _, p in method.trainable_parameters()]
     opt = build_optimizer(method.trainable_parameters(), cfg, device)
     sched = build_scheduler(opt, cfg, steps)
     ckpt_root = output_dir / "checkpoints"
-    state = {"step": 0, "micro_batches": 0, "tokens": 0, "train_seconds": 0.0}
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "train_seconds": 0.0}
     if resume and list_checkpoints(ckpt_root):
         state = load_checkpoint(list_checkpoints(ckpt_root)[-1], method, opt, sched)
+        source.load_state_dict(state["source"])
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state["step"] if resume else None)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    params = [p for _, p in method.trainable_parameters()]
-    stream = train.iterate(start=state["micro_batches"])
+    stream = source.stream()
     model.train()
     bar = progress(steps, state["step"], cfg.progress, "train")
     eval_metrics: dict[str, float] = {}
@@ -158,34 +190,23 @@ def train_loop(
         torch.cuda.reset_peak_memory_stats(device)
     t_start, tokens_start = time.perf_counter(), state["tokens"]
 
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, objective, evals.one_pass(), device, cfg.precision, cfg.eval_batches)
+
     def checkpoint(step: int) -> None:
         state["train_seconds"] += time.perf_counter() - t_mark
-        save_checkpoint(
-            ckpt_root,
-            step,
-            method,
-            opt,
-            sched,
-            {k: v for k, v in state.items() if k != "step"},
-            cfg.keep_checkpoints,
-        )
+        loop_state = {k: v for k, v in state.items() if k != "step"}
+        loop_state["source"] = source.state_dict()
+        save_checkpoint(ckpt_root, step, method, opt, sched, loop_state, cfg.keep_checkpoints)
 
     t_mark = t_start
     if evals is not None and cfg.eval_every and state["step"] == 0:
-        log.write(
-            {
-                "step": 0,
-                **evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches),
-            }
-        )
+        log.write({"step": 0, **run_eval()})
     for step in range(state["step"], steps):
         micro = [next(stream) for _ in range(cfg.grad_accum)]
-        loss, step_metrics = accumulate_gradients(model, objective, micro, device, cfg.precision)
-        state["tokens"] += sum(b.n_tokens for b in micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        result = train_step(model, objective, micro, opt, sched, params, cfg, device)
+        loss = result.loss
+        state["tokens"] += result.tokens
         state["micro_batches"] += cfg.grad_accum
 
         done = step + 1
@@ -193,25 +214,25 @@ def train_loop(
         tok_s = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
         record = {
             "step": done,
-            "epoch": round(train.epoch_of(state["micro_batches"] - 1), 4),
+            "epoch": round(source.epoch_of(state["micro_batches"] - 1), 4),
             "loss": loss,
-            **step_metrics,
+            **result.metrics,
             "lr": sched.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "grad_norm": result.grad_norm,
             "tokens": state["tokens"],
             "tokens_per_s": tok_s,
             "elapsed_s": elapsed,
         }
         if evals is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-            record.update(
-                evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches)
-            )
+            record.update(run_eval())
             eval_metrics = {k: v for k, v in record.items() if k.startswith("eval_")}
         if done % cfg.log_every == 0 or done == steps or "eval_loss" in record:
             log.write(record)
         bar.set_postfix(
             loss=f"{loss:.4f}",
-            **({"acc": f"{step_metrics['accuracy']:.2f}"} if "accuracy" in step_metrics else {}),
+            **(
+                {"acc": f"{result.metrics['accuracy']:.2f}"} if "accuracy" in result.metrics else {}
+            ),
             tok_s=f"{tok_s:,.0f}",
             **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
         )
@@ -221,8 +242,8 @@ def train_loop(
             t_mark = time.perf_counter()
     bar.close()
     train_seconds = state["train_seconds"] + time.perf_counter() - t_mark
-    if evals is not None and len(evals.examples):
-        eval_metrics = evaluate(model, objective, evals, device, cfg.precision, cfg.eval_batches)
+    if evals is not None and evals.examples:
+        eval_metrics = run_eval()
         log.write({"step": steps, **eval_metrics})
     if cfg.save_every:
         t_mark = time.perf_counter()
@@ -236,3 +257,8 @@ def train_loop(
         peak_memory_mb=peak_memory_mb(device),
         history=log.read(),
     )
+
+
+LOOPS = {"supervised": train_loop}
+"""The loops a task may name (``Task.loop``): the supervised loop takes any batch source, a
+replayable data set or a producer."""

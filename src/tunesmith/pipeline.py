@@ -1,0 +1,208 @@
+"""From a config to a trained run: set up (run folder, model, method, data, objective, batch
+source), then the task's loop, then the artifacts and the report.
+
+Every task goes through the same two functions; what differs between tasks is read from the
+task's declaration (``tunesmith.tasks``), never from its name. ``tunesmith.train`` is
+``setup_run`` -> the loop -> ``finish_run``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunesmith.config import Config, load_config, save_config
+from tunesmith.console import say
+from tunesmith.data.batching import Batches, BatchSource
+from tunesmith.data.dataset import prepare_data
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import Method, build_method
+from tunesmith.models import HEADS, load_model, load_tokenizer, pick_device, resolve_model_path
+from tunesmith.report import write_report
+from tunesmith.tasks import Context, Task, get_task
+from tunesmith.tasks.base import held_out
+from tunesmith.training.checkpoint import list_checkpoints
+from tunesmith.training.loop import LoopResult, Objective
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """A run ready for its loop."""
+
+    task: Task
+    ctx: Context
+    objective: Objective
+    source: BatchSource
+    evals: Batches | None
+    base_path: str
+    trainable: int
+    total: int
+
+
+def prepare_output_dir(cfg: Config, resume: bool) -> Path:
+    """Create the run folder; refuse to overwrite a run, and check a resumed run's config."""
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    if resume:
+        if not list_checkpoints(out / "checkpoints"):
+            raise TunesmithError(
+                f"--resume: {out} has no checkpoint to resume from (set train.save_every to write them)."
+            )
+        before = load_config(saved).to_dict()
+        now = cfg.to_dict()
+        diff = [
+            f"{s}.{k}"
+            for s in now
+            if isinstance(now[s], dict)
+            for k in now[s]
+            if before.get(s, {}).get(k) != now[s][k] and k != "progress"
+        ]
+        diff += [s for s in now if not isinstance(now[s], dict) and before.get(s) != now[s]]
+        if diff:
+            raise TunesmithError(
+                f"--resume: the config differs from the run's saved config at {', '.join(diff)}; resume with the same config."
+            )
+        return out
+    if (
+        (out / "run.json").exists()
+        or list_checkpoints(out / "checkpoints")
+        or (out / "metrics.jsonl").exists()
+    ):
+        raise TunesmithError(
+            f"output_dir: {out} already holds a run; pass --resume to continue it, or choose another "
+            f"output_dir (e.g. output_dir={out}-2). Nothing was changed."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return out
+
+
+def setup_model(
+    cfg: Config, head: str = "lm", device: torch.device | None = None
+) -> tuple[nn.Module, Any, Method, str]:
+    """(model with the method applied, tokenizer, method, resolved base path).
+
+    A new head module (a reward model's score) always trains, whatever the method: the method
+    decides which *backbone* weights change.
+    """
+    device = device or pick_device(cfg.train.device)
+    base_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model, base_path)
+    torch.manual_seed(cfg.train.seed)  # new parameters (LoRA A, heads) start the same every run
+    model = load_model(cfg.model, device, base_path, head)
+    spec = HEADS[head]
+    if spec.new_modules:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    method = build_method(cfg.method)
+    method.task_type = spec.peft_task_type
+    model = method.apply(model)
+    for name in spec.new_modules:
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(True)
+    return model, tokenizer, method, base_path
+
+
+def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
+    trainable = sum(p.numel() for _, p in method.trainable_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def setup_run(cfg: Config, resume: bool = False) -> Run:
+    """Everything the loop needs, built from the task's declaration."""
+    task = get_task(cfg.task)
+    out = prepare_output_dir(cfg, resume)
+    device = pick_device(cfg.train.device)
+    model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
+    for note in data.notes:
+        say(note)
+    ctx = Context(
+        cfg,
+        model,
+        tokenizer,
+        method,
+        device,
+        data,
+        training=True,
+        starting_model=lambda: load_model(cfg.model, device, base_path, task.head),
+        out=out,
+    )
+    trainable, total = parameter_counts(model, method)
+    unit, group = task.records.unit, task.records.group
+    say(
+        f"{cfg.task} with {cfg.method.name} on {cfg.model.name}: {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / total:.2f}%); {len(data.train) // group} train / {len(data.eval) // group} eval {unit}, "
+        f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), device {device}"
+    )
+    objective = task.objective(ctx)
+    return Run(task, ctx, objective, task.source(ctx), held_out(ctx), base_path, trainable, total)
+
+
+def finish_run(run: Run, result: LoopResult) -> RunResult:
+    """Save the artifacts and the report; return the run's measurements."""
+    ctx, task = run.ctx, run.task
+    info = {
+        "steps": result.steps,
+        "train_loss": result.final_train_loss,
+        **result.eval,
+        "tokens_per_s": result.tokens_per_s,
+        "train_seconds": result.train_seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "trainable_params": run.trainable,
+        "total_params": run.total,
+        f"train_{task.records.unit}": len(ctx.data.train) // task.records.group,
+        "truncated": ctx.data.stats.truncated,
+    }
+    if isinstance(run.source, Batches):
+        info["packing_efficiency"] = run.source.packing_efficiency()
+    save_artifacts(ctx, task, run.base_path, info)
+    write_report(ctx.out, ctx.cfg, info, result.history)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    say(
+        f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"
+    )
+    return RunResult(ctx.out, info)
+
+
+def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any]) -> None:
+    """Final model / adapter, tokenizer (with chat template) and ``run.json``.
+
+    A head declared ``saved_whole`` is saved as a whole model with the method merged in (when the
+    method is mergeable), so transformers loads it on its own; otherwise the method writes its
+    own artifact (a whole model for ``full``, an adapter for the others).
+    """
+    out, method = ctx.out, ctx.method
+    if HEADS[task.head].saved_whole and method.mergeable:
+        method.merge().save_pretrained(out, safe_serialization=True)
+        artifact = "model"
+    else:
+        if HEADS[task.head].saved_whole:
+            say(
+                f"method '{method.name}' cannot be merged; saving its weights and the head in the method's layout."
+            )
+        method.save(out, base_path)
+        artifact = method.artifact
+    if ctx.data.template:
+        ctx.tokenizer.chat_template = ctx.data.template
+    ctx.tokenizer.save_pretrained(out)
+    run = {
+        "task": task.name,
+        "head": task.head,
+        "method": method.name,
+        "artifact": artifact,
+        "base_model": base_path,
+        **info,
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2))

@@ -1,0 +1,136 @@
+"""The Task contract: what a task is, declared in one place, and the registry of tasks.
+
+A task says what is learned. It declares the kind of record it trains on, the head its model
+carries, how to build its objective, how to build its batch source, which loop runs it, its own
+config section, extra held-out metrics, and what a comparison shows. Shared code (the run
+pipeline, ``tunesmith eval``, ``compare``, ``data preview``, config validation) reads these
+declarations and never tests a task's name. Adding a task is one file that calls ``register``
+plus its import in ``tunesmith/tasks/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunesmith.config import Config, register_task_settings
+from tunesmith.data.batching import Batches, BatchSource
+from tunesmith.data.dataset import PreparedData
+from tunesmith.data.kinds import RecordKind
+from tunesmith.errors import ConfigError
+from tunesmith.methods import Method
+from tunesmith.training.loop import Objective
+
+
+@dataclass
+class Context:
+    """What a task's factories may use: the prepared pieces of a run (or of an evaluation)."""
+
+    cfg: Config
+    model: nn.Module
+    tokenizer: Any
+    method: Method | None
+    """The method applied to ``model``; None for a whole model loaded back (a full run)."""
+    device: torch.device
+    data: PreparedData
+    training: bool
+    """True while setting up training; False when scoring a finished run."""
+    starting_model: Callable[[], nn.Module]
+    """Loads a fresh copy of the model training started from (a frozen reference, a teacher)."""
+    out: Path | None = None
+
+
+def replayable(ctx: Context) -> BatchSource:
+    """The default batch source: the training split, reshuffled every epoch, resumable."""
+    d, t = ctx.cfg.data, ctx.cfg.train
+    kind = TASKS[ctx.cfg.task].records
+    return Batches(
+        ctx.data.train,
+        t.batch_size,
+        d.max_length,
+        ctx.tokenizer.pad_token_id,
+        resolve_packing(d.packing, ctx.method, kind),
+        t.seed,
+        group=kind.group,
+    )
+
+
+def held_out(ctx: Context) -> Batches | None:
+    """The held-out split as batches in a fixed order (similar lengths together), or None."""
+    if not ctx.data.eval:
+        return None
+    kind = TASKS[ctx.cfg.task].records
+    return Batches(
+        ctx.data.eval,
+        ctx.cfg.train.batch_size,
+        ctx.cfg.data.max_length,
+        ctx.tokenizer.pad_token_id,
+        False,
+        0,
+        shuffle=False,
+        group=kind.group,
+    )
+
+
+def resolve_packing(setting: bool | str, method: Method | None, kind: RecordKind) -> bool:
+    """``data.packing`` for this method and record kind: ``auto`` packs when both allow it."""
+    allowed = kind.packable and (method is None or method.packing_ok)
+    if setting == "auto":
+        return allowed
+    if setting and method is not None and not method.packing_ok:
+        raise ConfigError(
+            f"data.packing: method '{method.name}' puts virtual tokens in front of each row, so a row "
+            "cannot hold several examples; set data.packing=false (or auto)."
+        )
+    return bool(setting) and allowed
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    about: str
+    """One line for the CLI and the README's table."""
+    records: RecordKind
+    """What one training record is (examples, preference pairs, ...)."""
+    head: str
+    """The model's head, a name in ``tunesmith.models.HEADS``."""
+    objective: Callable[[Context], Objective]
+    """Builds the loss (bringing a reference, a teacher or a reward source if it needs one)."""
+    section: type | None = None
+    """The task's own config section, a dataclass found in YAML under the task's name."""
+    check: Callable[[Config], None] | None = None
+    """Validation across sections, run when a config naming this task is loaded."""
+    source: Callable[[Context], BatchSource] = replayable
+    """Builds the training batch source: the data set (default) or a producer such as rollouts."""
+    loop: str = "supervised"
+    """The loop that runs it, a name in ``tunesmith.training.loop.LOOPS``."""
+    extra_eval: Callable[[Context, int], dict[str, Any]] | None = None
+    """Held-out metrics beyond the objective's (e.g. exact match of generations), given a
+    sample budget; None for none."""
+    compare_metrics: tuple[str, ...] = ("eval_loss",)
+    """Held-out metrics a comparison of methods shows, besides the measurements of the run."""
+    base_comparable: bool = False
+    """Whether the untrained starting model can be scored too (a baseline row in comparisons)."""
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Make ``task`` available as ``task: NAME`` in configs (and its section as ``NAME:``)."""
+    TASKS[task.name] = task
+    register_task_settings(task.name, task.section, task.check)
+    return task
+
+
+def get_task(name: str) -> Task:
+    return TASKS[name]
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
