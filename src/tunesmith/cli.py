@@ -166,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run folder (default runs/quickstart; replaced each time)",
     )
 
+    sub.add_parser(
+        "tasks",
+        help="the registered tasks and methods, and what each pair saves",
+        description="List the registered tasks and the task x method matrix (every pair works).",
+    )
+
     b = sub.add_parser(
         "builtin",
         help="the built-in base model and tasks",
@@ -291,6 +297,15 @@ def _cmd_builtin(a: argparse.Namespace) -> None:
         print(describe_tasks())
 
 
+def _cmd_tasks(a: argparse.Namespace) -> None:
+    from tunesmith.tasks import TASKS, matrix_markdown
+
+    for task in TASKS.values():
+        print(f"{task.name:<8} {task.about}")
+    print()
+    print(matrix_markdown())
+
+
 COMMANDS = {
     "train": _cmd_train,
     "data": _cmd_data,
@@ -301,6 +316,7 @@ COMMANDS = {
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
     "builtin": _cmd_builtin,
+    "tasks": _cmd_tasks,
 }
 
 

@@ -142,7 +142,27 @@ def load_model(
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
+    for name in spec.new_modules:  # methods never wrap a task head: it trains whole
+        if hasattr(model, name):
+            getattr(model, name).tunesmith_head = True
     return model.to(device)
+
+
+def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn.Module:
+    """Apply ``method`` to a model carrying ``head``; the head's new modules train whole.
+
+    The same steps for a run being set up and for a run loaded back, so the trainable weights
+    (the method's own plus the new head) are the same set in both.
+    """
+    spec = HEADS[head]
+    if spec.new_modules:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    method.task_type = spec.peft_task_type
+    model = method.apply(model)
+    for name in spec.new_modules:
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(True)
+    return model
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -169,9 +189,8 @@ def load_for_inference(
             model = load_model(cfg.model, device, path_or_name, head=head)
         else:  # the base (with a fresh task head, if any) + the method and its saved weights
             model = load_model(cfg.model, device, head=head)
-            model.config.pad_token_id = tok.pad_token_id
             method = build_method(cfg.method)
-            model = method.apply(model)
+            model = apply_method(model, method, head, tok)
             method.load(path_or_name)
             model.tunesmith_method = method  # for merge
         return model.eval(), tok, cfg

@@ -22,7 +22,14 @@ from tunesmith.data.batching import Batches, BatchSource
 from tunesmith.data.dataset import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import Method, build_method
-from tunesmith.models import HEADS, load_model, load_tokenizer, pick_device, resolve_model_path
+from tunesmith.models import (
+    HEADS,
+    apply_method,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+)
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
 from tunesmith.tasks.base import held_out
@@ -101,16 +108,8 @@ def setup_model(
     tokenizer = load_tokenizer(cfg.model, base_path)
     torch.manual_seed(cfg.train.seed)  # new parameters (LoRA A, heads) start the same every run
     model = load_model(cfg.model, device, base_path, head)
-    spec = HEADS[head]
-    if spec.new_modules:
-        model.config.pad_token_id = tokenizer.pad_token_id
     method = build_method(cfg.method)
-    method.task_type = spec.peft_task_type
-    model = method.apply(model)
-    for name in spec.new_modules:
-        if hasattr(model, name):
-            getattr(model, name).requires_grad_(True)
-    return model, tokenizer, method, base_path
+    return apply_method(model, method, head, tokenizer), tokenizer, method, base_path
 
 
 def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:

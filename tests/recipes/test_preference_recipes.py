@@ -1,4 +1,4 @@
-"""Reward and DPO runs with every method: the preference metric must move the right way.
+"""Reward and DPO specifics (every method with every task is in test_matrix.py).
 
 builtin:micro (pretrained, so its outputs respond to every method; a random model's frozen tiny
 output layer barely does) is trained and evaluated on the same small set of pairs: these tests
@@ -10,11 +10,9 @@ import json
 import pytest
 import torch
 from conftest import write_jsonl
-from transformers import AutoModelForSequenceClassification
 
 import tunesmith
 from tunesmith.cli import main
-from tunesmith.methods import method_names
 
 
 @pytest.fixture
@@ -54,40 +52,6 @@ def run(task, method, out, model, data, **extra):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in history if "eval_loss" in r]
     return result, evals[0], evals[-1]
-
-
-@pytest.mark.parametrize("method", method_names())
-def test_reward_every_method(cache, tmp_path, micro, pairs, method):
-    result, before, after = run("reward", method, tmp_path / "rm", micro, pairs)
-    assert before["step"] == 0
-    assert (
-        after["eval_loss"] < before["eval_loss"]
-        and after["eval_accuracy"] > before["eval_accuracy"]
-    )
-    assert result.metrics["train_pairs"] == 16
-    if (
-        json.loads((tmp_path / "rm" / "run.json").read_text())["artifact"] == "model"
-    ):  # mergeable methods
-        assert (
-            AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels
-            == 1
-        )
-
-
-@pytest.mark.parametrize("method", method_names())
-def test_dpo_every_method(cache, tmp_path, micro, pairs, method):
-    _, before, after = run("dpo", method, tmp_path / "dpo", micro, pairs)
-    if method in ("full", "lora", "adapter"):
-        # The policy starts as its reference: every implicit reward is 0, a tie (accuracy 1/2).
-        # (Prefix and prompt tuning change the model from the start; the reference stays the base.)
-        assert before["eval_accuracy"] == 0.5 and before["eval_reward_margin"] == pytest.approx(
-            0.0, abs=1e-6
-        )
-    assert (
-        after["eval_accuracy"] > max(before["eval_accuracy"], 0.5)
-        and after["eval_reward_margin"] > max(before["eval_reward_margin"], 0)
-        and after["eval_loss"] < before["eval_loss"]
-    )
 
 
 @pytest.mark.parametrize("loss", ["cdpo", "ipo", "hinge", "simpo"])

@@ -128,7 +128,7 @@ def _select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, str
         if (
             isinstance(m, nn.Linear)
             and m is not head
-            and plain not in ("score", "classifier")  # task heads train whole, never through LoRA
+            and not getattr(m, "tunesmith_head", False)  # a new task head trains whole
             and ".lora_" not in n
             and not n.startswith(owned)
         ):

@@ -2,6 +2,14 @@
 here that calls ``register`` and one line below."""
 
 from tunesmith.tasks import dpo, reward, sft  # noqa: F401  (registration)
-from tunesmith.tasks.base import TASKS, Context, Task, get_task, register, task_names
+from tunesmith.tasks.base import (
+    TASKS,
+    Context,
+    Task,
+    get_task,
+    matrix_markdown,
+    register,
+    task_names,
+)
 
-__all__ = ["TASKS", "Context", "Task", "get_task", "register", "task_names"]
+__all__ = ["TASKS", "Context", "Task", "get_task", "matrix_markdown", "register", "task_names"]

@@ -116,6 +116,8 @@ class Task:
     """Held-out metrics a comparison of methods shows, besides the measurements of the run."""
     base_comparable: bool = False
     """Whether the untrained starting model can be scored too (a baseline row in comparisons)."""
+    rising: tuple[str, ...] = ()
+    """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
 
 
 TASKS: dict[str, Task] = {}
@@ -134,3 +136,24 @@ def get_task(name: str) -> Task:
 
 def task_names() -> list[str]:
     return list(TASKS)
+
+
+def matrix_markdown() -> str:
+    """The task x method table (README, ``tunesmith tasks``), from the two registries: each cell
+    is what a run of that pair saves. The matrix test runs every cell."""
+    from tunesmith.methods.base import method_class, method_names
+    from tunesmith.models import HEADS
+
+    methods = method_names()
+    lines = [
+        "| task | trains on | " + " | ".join(methods) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for task in TASKS.values():
+        whole = HEADS[task.head].saved_whole
+        cells = []
+        for name in methods:
+            cls = method_class(name)
+            cells.append("merged model" if whole and cls.mergeable else cls.artifact)
+        lines.append(f"| `{task.name}` | {task.records.unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -102,5 +102,6 @@ DPO = register(
         section=DPOConfig,
         check=check,
         compare_metrics=("eval_loss", "eval_accuracy"),
+        rising=("eval_accuracy",),
     )
 )

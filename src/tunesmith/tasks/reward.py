@@ -21,5 +21,6 @@ REWARD = register(
         objective=lambda ctx: RewardObjective(ctx.cfg.reward.margin),
         section=RewardConfig,
         compare_metrics=("eval_loss", "eval_accuracy"),
+        rising=("eval_accuracy",),
     )
 )

@@ -1,0 +1,91 @@
+"""The task x method matrix: every registered task with every registered method.
+
+For each pair, a few steps on builtin:micro (pretrained, so every method's change shows in its
+outputs) must move the task's held-out metrics the right way, change only the method's weights
+(plus any new head), and save an artifact that loads back to the same held-out numbers. The
+matrix grows by itself when a task or a method is registered; a new *record kind* needs its
+training data below."""
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from tunesmith.config import load_config
+from tunesmith.evaluate import evaluate_target
+from tunesmith.methods import method_names
+from tunesmith.methods.base import canonical
+from tunesmith.pipeline import finish_run, setup_run
+from tunesmith.tasks import TASKS
+from tunesmith.training.loop import LOOPS
+
+QUESTIONS = [(a, b) for a in range(4) for b in range(4)]
+DATA = {  # record kind -> rows to train (and evaluate) on
+    "examples": [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a, b in QUESTIONS],
+    "pairs": [
+        {"prompt": f"Q: {a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}
+        for a, b in QUESTIONS
+    ],
+}
+
+
+@pytest.fixture
+def cache(micro, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))  # reference log-probs
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_with_method(cache, micro, tmp_path, task, method):
+    spec = TASKS[task]
+    data = write_jsonl(tmp_path / "data.jsonl", DATA[spec.records.name])
+    out = tmp_path / "run"
+    cfg = load_config(
+        {
+            "model": micro,
+            "task": task,
+            "method": method,
+            "data": {"train": str(data), "eval": str(data), "max_length": 32},
+            "train": {
+                "max_steps": 16,
+                "batch_size": 8,
+                "lr": 1e-2,
+                "eval_every": 16,
+                "progress": False,
+            },
+            "output_dir": str(out),
+        }
+    )
+    run = setup_run(cfg)
+    c = run.ctx
+    before = {canonical(n): p.detach().clone() for n, p in c.model.named_parameters()}
+    result = LOOPS[spec.loop](
+        c.model, c.method, run.objective, run.source, run.evals, cfg.train, out, c.device
+    )
+    # Only the method's weights (and a new head) changed.
+    trainable = {canonical(n) for n, _ in c.method.trainable_parameters()}
+    assert trainable
+    for name, p in c.model.named_parameters():
+        plain = canonical(name)
+        if plain in trainable:
+            continue
+        assert plain in before, f"{plain}: a parameter the method added but does not train"
+        assert p.detach().equal(before[plain]), f"frozen {plain} changed"
+    assert any(
+        not p.detach().equal(before[canonical(n)]) for n, p in c.method.trainable_parameters()
+    )
+    finish_run(run, result)  # (merging for the artifact may fold the method in)
+
+    # The task's held-out metrics move the right way.
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    start, end = evals[0], evals[-1]
+    assert start["step"] == 0 and "eval_loss" in start and "eval_loss" in end
+    assert end["eval_loss"] < start["eval_loss"]
+    for metric in spec.rising:
+        assert end[metric] > start[metric], metric
+
+    # The saved artifact loads back to the same held-out numbers.
+    again = evaluate_target(str(out), samples=0)
+    assert again["eval_loss"] == pytest.approx(end["eval_loss"], rel=1e-4, abs=1e-5)
+    for metric in spec.rising:
+        assert again[metric] == pytest.approx(end[metric])
