@@ -18,7 +18,7 @@ quickstart: .venv/.installed
 
 test: .venv/.installed
 	.venv/bin/ruff check src tests bench
-	.venv/bin/pytest
+	OMP_NUM_THREADS=1 .venv/bin/pytest
 
 test-all: .venv/.installed
 	.venv/bin/pytest -m ""

@@ -126,7 +126,7 @@ def micro(tmp_path_factory) -> str:
     """builtin:micro, built once per test session into a private cache (a few seconds)."""
     import os
 
-    from tunesmith.builtin.model import ensure_builtin_model
+    from tunesmith.prepare import ensure_builtin_model
 
     os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return str(ensure_builtin_model("micro"))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import tasks  # noqa: F401  (registers the tasks and their config sections)
+from tunesmith.builtin import tasks as builtin_tasks  # noqa: F401  (registers builtin: data)
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.multi import MultiAdapter
@@ -37,18 +38,12 @@ def train(
     """Run one training job from a YAML path, a dict or a :class:`Config` (plus dotted overrides).
 
     The model source is prepared first (the built-in model built, a run folder merged: explicit
-    steps, so that loading has no side effects); then the task's run is set up, trained by the
-    task's loop, and saved.
+    steps, so that loading has no side effects); then ``run_training`` sets the task's run up,
+    trains it with the task's loop and saves it.
     """
-    from tunesmith.pipeline import finish_run, setup_run
+    from tunesmith.pipeline import run_training
     from tunesmith.prepare import ensure_model
-    from tunesmith.training.loop import LOOPS
 
     cfg = load_config(config, overrides)
     ensure_model(cfg.model.name)
-    run = setup_run(cfg, resume)
-    c = run.ctx
-    result = LOOPS[run.task.loop](
-        c.model, c.method, run.objective, run.source, run.evals, cfg.train, c.out, c.device, resume
-    )
-    return finish_run(run, result)
+    return run_training(cfg, resume)

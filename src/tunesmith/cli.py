@@ -185,15 +185,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    import tunesmith
+    from tunesmith.config import load_config
+    from tunesmith.pipeline import run_training
+    from tunesmith.prepare import ensure_model
 
-    tunesmith.train(a.config, a.overrides, resume=a.resume)
+    cfg = load_config(a.config, a.overrides)
+    ensure_model(cfg.model.name)  # build builtin:NAME / merge a run folder, once
+    run_training(cfg, a.resume)
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
     from tunesmith.config import load_config
-    from tunesmith.data.preview import preview
     from tunesmith.prepare import ensure_model
+    from tunesmith.preview import preview
     from tunesmith.tasks import get_task
 
     cfg = load_config(a.config, a.overrides)
@@ -248,7 +252,13 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from tunesmith.evaluate import evaluate_target
+    from tunesmith.models import is_run_dir
+    from tunesmith.prepare import ensure_model
 
+    if not is_run_dir(a.target) and os.path.isfile(a.target):  # a config: its starting model
+        from tunesmith.config import load_config
+
+        ensure_model(load_config(a.target, a.overrides).model.name)
     for k, v in evaluate_target(a.target, a.overrides, a.samples).items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
@@ -280,14 +290,14 @@ def _cmd_merge(a: argparse.Namespace) -> None:
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> None:
-    from tunesmith.builtin.quickstart import quickstart
+    from tunesmith.quickstart import quickstart
 
     quickstart(a.output_dir)
 
 
 def _cmd_builtin(a: argparse.Namespace) -> None:
     if a.builtin_command == "build":
-        from tunesmith.builtin.model import ensure_builtin_model
+        from tunesmith.prepare import ensure_builtin_model
 
         path = ensure_builtin_model(a.name, rebuild=True)
         print(f"built-in model '{a.name}' is at {path}")

@@ -14,8 +14,13 @@ from typing import Any
 from tunesmith.config import load_config
 from tunesmith.data.dataset import prepare_data
 from tunesmith.errors import TunesmithError
-from tunesmith.models import is_run_dir, load_for_inference, load_model, pick_device
-from tunesmith.prepare import ensure_model
+from tunesmith.models import (
+    is_run_dir,
+    load_for_inference,
+    load_model,
+    pick_device,
+    resolve_model_path,
+)
 from tunesmith.tasks import Context, get_task
 from tunesmith.tasks.base import held_out
 from tunesmith.training.loop import evaluate
@@ -35,7 +40,7 @@ def evaluate_target(
                 f"{target}: a {cfg.task} config's starting model has nothing to compare yet; evaluate a {cfg.task} run folder."
             )
         model, tokenizer, _ = load_for_inference(
-            ensure_model(cfg.model.name), pick_device(cfg.train.device)
+            resolve_model_path(cfg.model.name), pick_device(cfg.train.device)
         )
     else:
         raise TunesmithError(f"{target}: neither a tunesmith run folder nor a config file.")

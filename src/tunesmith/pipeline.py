@@ -3,7 +3,7 @@ source), then the task's loop, then the artifacts and the report.
 
 Every task goes through the same two functions; what differs between tasks is read from the
 task's declaration (``tunesmith.tasks``), never from its name. ``tunesmith.train`` is
-``setup_run`` -> the loop -> ``finish_run``.
+``ensure_model`` then ``run_training``: ``setup_run`` -> the task's loop -> ``finish_run``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
 from tunesmith.tasks.base import held_out
 from tunesmith.training.checkpoint import list_checkpoints
-from tunesmith.training.loop import LoopResult, Objective
+from tunesmith.training.loop import LOOPS, LoopResult, Objective
 
 
 @dataclass
@@ -147,6 +147,16 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     )
     objective = task.objective(ctx)
     return Run(task, ctx, objective, task.source(ctx), held_out(ctx), base_path, trainable, total)
+
+
+def run_training(cfg: Config, resume: bool = False) -> RunResult:
+    """Set up the run of ``cfg`` (whose model must be loadable), train it, save it."""
+    run = setup_run(cfg, resume)
+    c = run.ctx
+    result = LOOPS[run.task.loop](
+        c.model, c.method, run.objective, run.source, run.evals, cfg.train, c.out, c.device, resume
+    )
+    return finish_run(run, result)
 
 
 def finish_run(run: Run, result: LoopResult) -> RunResult:

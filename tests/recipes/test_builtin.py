@@ -8,10 +8,11 @@ import yaml
 from safetensors.torch import load_file
 
 import tunesmith
-from tunesmith.builtin.model import SPECS, build_model
+from tunesmith.builtin.specs import SPECS
 from tunesmith.builtin.tasks import TASKS, all_facts, arith_reward, fact_split, task_records
 from tunesmith.cli import main
 from tunesmith.errors import DataError
+from tunesmith.prepare import build_model
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -62,7 +63,7 @@ def test_reward_function():
 
 
 def test_quickstart_end_to_end_reduced(cache, tmp_path, capsys):
-    from tunesmith.builtin.quickstart import quickstart
+    from tunesmith.quickstart import quickstart
 
     out = tmp_path / "qs"
     result = quickstart(

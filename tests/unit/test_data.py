@@ -10,8 +10,8 @@ from tunesmith.config import DataConfig
 from tunesmith.data.batching import Batches, pack_rows
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.io import read_records
-from tunesmith.data.preview import mark_supervised
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.preview import mark_supervised
 
 
 @pytest.fixture(scope="module")

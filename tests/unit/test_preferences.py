@@ -178,7 +178,7 @@ def test_implicit_prompt_from_shared_prefix(tmp_path, tok):
         }
     ]
     data = pair_data(tok, tmp_path, rows)
-    from tunesmith.data.preview import mark_supervised
+    from tunesmith.preview import mark_supervised
 
     assert mark_supervised(data.train[0], tok) == "User: hi\nAssistant: [[hello</s>\n]]"
     assert mark_supervised(data.train[1], tok) == "User: hi\nAssistant: [[go away</s>\n]]"

@@ -70,8 +70,9 @@ def toy_task():
 
 
 def test_a_registered_task_trains_with_no_change_to_shared_code(toy_task, llama, pc_data, tmp_path):
-    import tunesmith
     from conftest import base_config
+
+    import tunesmith
 
     raw = base_config(llama, pc_data, tmp_path / "run", max_steps=2)
     result = tunesmith.train({**raw, "task": "toy", "toy": {"scale": 2.0}})

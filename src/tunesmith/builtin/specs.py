@@ -1,5 +1,5 @@
 """The built-in models' specifications and where each lives once built (no building here:
-that is ``tunesmith.builtin.model``, an explicit step)."""
+that is ``tunesmith.prepare``, an explicit step)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+from tunesmith.data.io import register_source
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
 
@@ -136,6 +137,9 @@ def task_records(source: str) -> list[Record]:
     rng = random.Random(f"{name}:{split}")
     fields = [r for f in facts for r in TASKS[name].make(f, rng)]
     return [Record(r, f"{source} #{i}") for i, r in enumerate(fields)]
+
+
+register_source("builtin:", task_records)
 
 
 def arith_reward(prompt: str, completion: str) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,15 @@ def _read_hub(name: str, split: str) -> list[Record]:
     return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
 
 
+SOURCES: dict[str, Callable[[str], list[Record]]] = {}
+"""Named data sources by prefix (``builtin:``), registered by the modules that provide them."""
+
+
+def register_source(prefix: str, reader: Callable[[str], list[Record]]) -> None:
+    """Read every data source whose name starts with ``prefix`` with ``reader(name)``."""
+    SOURCES[prefix] = reader
+
+
 def read_records(
     source: str, split: str = "train", skip_bad_rows: bool = False
 ) -> tuple[list[Record], ReadReport]:
@@ -138,10 +148,9 @@ def read_records(
     ``source`` is a local file, ``builtin:NAME[:SPLIT]`` or a hub dataset id.
     """
     report = ReadReport()
-    if source.startswith("builtin:"):
-        from tunesmith.builtin.tasks import task_records
-
-        return task_records(source), report
+    for prefix, reader in SOURCES.items():
+        if source.startswith(prefix):
+            return reader(source), report
     path = Path(source).expanduser()
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give a data file ({', '.join(FILE_SUFFIXES)}).")
