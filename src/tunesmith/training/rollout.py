@@ -40,8 +40,9 @@ class Rollout:
     ``prompt_ids`` (B, P) is left-padded (``prompt_mask`` 0 on padding); ``response_ids`` (B, R)
     is right-padded with the pad id after each response's end token; ``response_mask`` (B, R) is 1
     up to and including the end token (or on all R tokens of a response that never ended).
-    ``logps`` (B, R) are log pi(y_t | x, y_<t) of the sampled tokens under the sampling policy at
-    ``temperature`` (0 off the mask), ``ended`` (B,) whether the response produced an end token,
+    ``logps`` (B, R) are log pi(y_t | x, y_<t) of the sampled tokens under the policy's
+    distribution at ``temperature`` (before top-p filtering; temperature 1 for greedy rollouts),
+    0 off the mask: what ``response_logps`` computes in one forward pass; ``ended`` (B,) whether the response produced an end token,
     ``completions`` the decoded responses without special tokens.
     """
 
@@ -64,7 +65,10 @@ class Rollout:
     def select(self, rows: torch.Tensor | list[int]) -> Rollout:
         """The rollout of some rows only (a mini-batch), in the order given."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-        pick = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
         return Rollout(
             pick(self.prompt_ids),
             pick(self.prompt_mask),
