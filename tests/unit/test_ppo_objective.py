@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tunesmith.config import TrainConfig
 from tunesmith.methods import build_method, method_config
 from tunesmith.objectives.ppo import ClippedPolicyObjective, RLBatch
 from tunesmith.objectives.rl import clipped_value_loss, group_normalised, kl_k3
-from tunesmith.training.loop import accumulate_gradients
+from tunesmith.training.loop import train_step
 from tunesmith.training.rollout import response_logps, rollout
 
 PROMPTS = ["What is 1 plus 2?", "Hi", "Say something long, please.", "x"]
@@ -84,17 +85,29 @@ def test_one_batch_equals_its_micro_batches(llama, tok):
         for _, p in method.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.2)
     obj = ClippedPolicyObjective(clip_eps=0.1, kl_coef=0.05, entropy_coef=0.01)
-    device = torch.device("cpu")
-    whole, m_whole = accumulate_gradients(model, obj, [batch], device, "fp32")
-    g_whole = grads(method)
-    method.model.zero_grad()
-    micro = [batch.select([i]) for i in range(len(batch))]
-    split, m_split = accumulate_gradients(model, obj, micro, device, "fp32")
-    assert split == pytest.approx(whole, rel=1e-4)
-    assert m_whole["clip_frac"] > 0
-    for k in m_whole:
-        assert m_split[k] == pytest.approx(m_whole[k], rel=1e-4, abs=1e-6), k
-    torch.testing.assert_close(grads(method), g_whole, rtol=1e-3, atol=1e-6)
+    start = {n: p.detach().clone() for n, p in method.trainable_parameters()}
+
+    def step(micro):
+        """One train_step with SGD at lr 1: the update is minus the gradient."""
+        params = [p for _, p in method.trainable_parameters()]
+        opt = torch.optim.SGD(params, lr=1.0)
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+        cfg = TrainConfig(max_grad_norm=None, precision="fp32")
+        result = train_step(model, obj, micro, opt, sched, params, cfg, torch.device("cpu"))
+        update = {n: start[n] - p.detach() for n, p in method.trainable_parameters()}
+        with torch.no_grad():
+            for n, p in method.trainable_parameters():
+                p.copy_(start[n])
+        return result, update
+
+    whole, g_whole = step([batch])
+    split, g_split = step([batch.select([i]) for i in range(len(batch))])
+    assert split.loss == pytest.approx(whole.loss, rel=1e-4)
+    assert whole.metrics["clip_frac"] > 0
+    for k in whole.metrics:
+        assert split.metrics[k] == pytest.approx(whole.metrics[k], rel=1e-4, abs=1e-6), k
+    for n, g in g_whole.items():
+        torch.testing.assert_close(g_split[n], g, rtol=1e-3, atol=1e-6)
 
 
 def test_value_term(llama, tok):
@@ -123,7 +136,10 @@ def test_a_short_grpo_run_raises_the_reward(llama, tok):
     torch.manual_seed(0)
     method = build_method(method_config("full"))  # a random model's LoRA learns too slowly
     model = method.apply(AutoModelForCausalLM.from_pretrained(llama))
-    opt = torch.optim.Adam([p for _, p in method.trainable_parameters()], lr=3e-2)
+    params = [p for _, p in method.trainable_parameters()]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    cfg = TrainConfig(max_grad_norm=None, precision="fp32")
     g = torch.Generator().manual_seed(0)
     obj = ClippedPolicyObjective()
 
@@ -139,7 +155,5 @@ def test_a_short_grpo_run_raises_the_reward(llama, tok):
         history.append(float(scores.mean()))
         batch = RLBatch.from_rollout(out, group_normalised(scores, 8))
         for _ in range(4):  # PPO epochs over the rollout
-            accumulate_gradients(model, obj, [batch], torch.device("cpu"), "fp32")
-            opt.step()
-            opt.zero_grad()
+            train_step(model, obj, [batch], opt, sched, params, cfg, torch.device("cpu"))
     assert history[0] < 0.4 and sum(history[-3:]) / 3 > 0.8, history

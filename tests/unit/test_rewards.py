@@ -165,7 +165,6 @@ def test_reward_model_scores_as_in_training(reward_runs, method):
     training pipeline made of that pair, and ``tunesmith score``'s."""
     from tunesmith.data.dataset import tokenize_records
     from tunesmith.data.io import Record
-    from tunesmith.objectives.reward import last_token_index
     from tunesmith.score import score
 
     runs, rows = reward_runs
@@ -188,9 +187,10 @@ def test_reward_model_scores_as_in_training(reward_runs, method):
             ids = torch.from_numpy(examples[i].input_ids)[None]
             assert ids[0].tolist() == r.encode(prompts[k], completions[k])
             logits = r.model(input_ids=ids).logits
-            idx = last_token_index(ids, r.model.config.pad_token_id)
+            # the head reads the last non-padding token: the response's end, not one before it
+            last = int((ids[0] != r.model.config.pad_token_id).nonzero().max())
             assert ours[k] == pytest.approx(float(logits[0, 0]), abs=1e-5)
-            assert int(idx) == ids.shape[1] - 1
+            assert last == ids.shape[1] - 1
 
     text = rows[0]["prompt"][0]["content"]
     assert score(str(runs[method]), text, [completions[0], completions[3]]) == pytest.approx(

@@ -106,6 +106,11 @@ class RLBatch:
             }
         )
 
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens, prompt and response: what the loop counts as processed."""
+        return int(self.attention_mask.sum())
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
