@@ -145,6 +145,10 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         f"({100 * trainable / total:.2f}%); {len(data.train) // group} train / {len(data.eval) // group} eval {unit}, "
         f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), device {device}"
     )
+    wrapped = method.wrapped_modules()
+    if wrapped:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
+        say(f"{method.name} wraps {len(wrapped)} modules ({', '.join(kinds)})")
     objective = task.objective(ctx)
     return Run(task, ctx, objective, task.source(ctx), held_out(ctx), base_path, trainable, total)
 

@@ -170,3 +170,15 @@ def test_disable_is_base_or_refused(llama, name):
     with method.disable():
         assert torch.equal(model(x).logits, base)
     assert not torch.equal(model(x).logits, base)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_methods_state_what_they_wrap(llama, name):
+    """A method's declared wrapped modules are exactly the modules it replaced by wrappers."""
+    from tunesmith.methods.base import WRAPPED
+
+    method = build_method(method_config(name))
+    model = method.apply(AutoModelForCausalLM.from_pretrained(llama))
+    wrappers = sorted(n for n, m in model.named_modules() if hasattr(m, WRAPPED))
+    assert sorted(method.wrapped_modules()) == wrappers
+    assert bool(wrappers) == (name in ("lora", "adapter"))

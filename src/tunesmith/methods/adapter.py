@@ -158,6 +158,9 @@ class Adapter(MethodBase):
     def load(self, directory: str | Path) -> None:
         self.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
 
+    def wrapped_modules(self) -> list[str]:
+        return list(self.wrapped)
+
     def disable(self) -> contextlib.AbstractContextManager[None]:
         return toggled(list(self.wrapped.values()), "enabled", False)
 

@@ -62,6 +62,10 @@ class Method(Protocol):
     def merge(self) -> nn.Module:
         """Fold the method into the base weights where the maths allows; return the plain model."""
 
+    def wrapped_modules(self) -> list[str]:
+        """Names of the model's modules the method wrapped (empty for methods that wrap none:
+        full changes weights in place, prefix and prompt act on the inputs)."""
+
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -142,6 +146,9 @@ class MethodBase:
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return named_trainable(self.model)
+
+    def wrapped_modules(self) -> list[str]:
+        return []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {canonical(n): p.detach() for n, p in named_trainable(self.model)}

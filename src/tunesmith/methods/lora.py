@@ -226,6 +226,9 @@ class LoRA(MethodBase):
             clean[k.replace(".lora_B.default.", ".lora_B.")] = v
         self.load_state_dict(clean)
 
+    def wrapped_modules(self) -> list[str]:
+        return list(self.layers)
+
     def disable(self) -> contextlib.AbstractContextManager[None]:
         return toggled(list(self.layers.values()), "enabled", False)
 
