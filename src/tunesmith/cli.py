@@ -22,6 +22,7 @@ EPILOG = """examples:
   tunesmith compare configs/sft_lora.yaml --methods full,lora,prefix output_dir=runs/bakeoff
   tunesmith generate builtin:tiny --adapter a=runs/sft-lora --adapter b=runs/x --use all --prompt "What is 3 plus 4?"
   tunesmith score runs/reward-full --prompt "What is 2 plus 3?" --response 5 --response 6
+  tunesmith feedback runs/quickstart --prompts builtin:arith:eval --out prefs.jsonl
 """
 
 
@@ -172,6 +173,53 @@ def _parser() -> argparse.ArgumentParser:
         description="List the registered tasks and the task x method matrix (every pair works).",
     )
 
+    fb = sub.add_parser(
+        "feedback",
+        help="people compare (or rate) a model's responses in a local web page",
+        description="Generate two responses per prompt (two samples of MODEL, or one each with --against), serve a page where people pick the better one, and append every judgement to --out as a preference record (task: dpo / reward read it as is).",
+    )
+    fb.add_argument("model", help="run folder, model folder, hub id or builtin:NAME")
+    fb.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt data: .jsonl/.json/.csv/.parquet, builtin:NAME[:eval] or a hub id",
+    )
+    fb.add_argument("--out", required=True, help="preference file to append to (.jsonl)")
+    fb.add_argument(
+        "--against", metavar="OTHER", help="compare with this model's responses (one from each)"
+    )
+    fb.add_argument(
+        "--mode",
+        choices=["pair", "rate"],
+        default="pair",
+        help="pair: pick the better of two (default); rate: score single responses 1-5",
+    )
+    fb.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1; any other needs the printed token)",
+    )
+    fb.add_argument("--port", type=int, default=8765, help="default 8765; 0 takes any free port")
+    fb.add_argument(
+        "--judges-per-pair",
+        type=int,
+        default=1,
+        help="how many people judge each pair (2+ measures agreement; default 1)",
+    )
+    fb.add_argument("--limit", type=int, help="use the first N distinct prompts")
+    fb.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    fb.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature (default 1.0; 0: greedy, with --against)",
+    )
+    fb.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    fb.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    fb.add_argument(
+        "--raw", action="store_true", help="do not wrap text prompts in the chat template"
+    )
+
     b = sub.add_parser(
         "builtin",
         help="the built-in base model and tasks",
@@ -208,8 +256,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     import torch
 
     from tunesmith.generate import chat_prompt, generate
-    from tunesmith.models import is_run_dir, load_for_inference
-    from tunesmith.prepare import ensure_model
+    from tunesmith.models import load_for_inference
 
     def show(model: Any, tok: Any, title: str | None = None) -> None:
         torch.manual_seed(a.seed)
@@ -220,8 +267,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
         for p, o in zip(a.prompt, outs):
             print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
 
-    if not is_run_dir(a.model):
-        ensure_model(a.model)  # the built-in model is built on first use
+    _prepare_source(a.model)
     if not a.adapter:
         if a.use:
             raise TunesmithError("--use picks one of the --adapter NAME=RUN given; none was.")
@@ -295,6 +341,25 @@ def _cmd_quickstart(a: argparse.Namespace) -> None:
     quickstart(a.output_dir)
 
 
+def _prepare_source(name: str | None) -> None:
+    """Build a builtin:NAME model on first use (run folders load as they are)."""
+    from tunesmith.models import is_run_dir
+    from tunesmith.prepare import ensure_model
+
+    if name and not is_run_dir(name):
+        ensure_model(name)
+
+
+def _cmd_feedback(a: argparse.Namespace) -> None:
+    from tunesmith.feedback import Sampling, serve_feedback
+
+    _prepare_source(a.model)
+    _prepare_source(a.against)
+    sampling = Sampling(a.max_new_tokens, a.temperature, a.top_p, seed=a.seed)
+    serve_feedback(a.model, a.prompts, a.out, a.against, a.mode, a.host, a.port,
+                   a.judges_per_pair, a.limit, a.raw, sampling)  # fmt: skip
+
+
 def _cmd_builtin(a: argparse.Namespace) -> None:
     if a.builtin_command == "build":
         from tunesmith.prepare import ensure_builtin_model
@@ -325,6 +390,7 @@ COMMANDS = {
     "score": _cmd_score,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
+    "feedback": _cmd_feedback,
     "builtin": _cmd_builtin,
     "tasks": _cmd_tasks,
 }
