@@ -137,8 +137,9 @@ def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
 
 
 def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
+    text = path.read_text(encoding=ENCODING)  # a UnicodeDecodeError is reported by the caller
     try:
-        data = _parse_json(path.read_text(encoding=ENCODING))
+        data = _parse_json(text)
     except ValueError as e:
         where = re.search(r" at line (\d+) column \d+$", str(e))
         line = f":{where.group(1)}" if where else ""
