@@ -20,6 +20,7 @@ from tunesmith.config import Config, load_config, save_config
 from tunesmith.console import say
 from tunesmith.data.batching import Batches, BatchSource
 from tunesmith.data.dataset import prepare_data
+from tunesmith.data.provenance import provenance
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import Method, build_method
 from tunesmith.models import (
@@ -217,5 +218,6 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
         "artifact": artifact,
         "base_model": base_path,
         **info,
+        "data": provenance(ctx.cfg),  # fingerprints: `tunesmith eval` warns when they change
     }
     (out / "run.json").write_text(json.dumps(run, indent=2))
