@@ -290,3 +290,19 @@ def test_sharegpt_rows_in_csv_are_not_guessed(tmp_path, tok):
     )
     with pytest.raises(DataError, match=r"s.csv:2: 'conversations' must be a non-empty list"):
         prep(tok, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing left
+
+
+def test_no_usable_examples_says_why(tmp_path, tok):
+    rows = [{"prompt": "p", "completion": "x" * 40}, {"prompt": "p", "completion": ""}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(
+        DataError,
+        match=rf"d.jsonl: no usable examples: 1 longer than data.max_length=20 \(data.truncation=drop; "
+        rf"raise data.max_length or set data.truncation=truncate\), 1 with an empty completion "
+        rf"\(first: {path}:2; data.empty_completion=drop\)\.$",
+    ):
+        prep(tok, path, max_length=20, truncation="drop", empty_completion="drop")

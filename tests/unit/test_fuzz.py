@@ -170,8 +170,11 @@ data_settings = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+def toks():
+    """Both tokenizer kinds of the test models: character-level and byte-level BPE."""
+    from conftest import qwen2_tokenizer
+
+    return {"char": build_tokenizer(), "bpe": qwen2_tokenizer()}
 
 
 def _one_line(e: TunesmithError) -> None:
@@ -181,23 +184,31 @@ def _one_line(e: TunesmithError) -> None:
 
 
 @st.composite
-def data_cases(draw) -> tuple[tuple[str, bytes], dict, RecordKind]:
-    """(data file, data settings, record kind): the kind the shape's task would read, mostly."""
+def data_cases(draw) -> tuple[list[tuple[str, bytes]], dict, RecordKind, str]:
+    """(train file [, held-out file], data settings, record kind, tokenizer): the kind the
+    shape's task would read, mostly."""
     shape = draw(st.sampled_from(sorted(SHAPES)))
     kind = PAIRS if shape in PAIR_SHAPES else EXAMPLES
     if draw(st.integers(0, 9)) == 0:
         kind = EXAMPLES if kind is PAIRS else PAIRS
-    return draw(data_files(shape)), draw(data_settings), kind
+    files = [draw(data_files(shape))]
+    if draw(st.integers(0, 3)) == 0:  # a held-out file of its own
+        files.append(draw(data_files(shape)))
+    return files, draw(data_settings), kind, draw(st.sampled_from(["char", "bpe"]))
 
 
 @settings(FUZZ, max_examples=DEEP or 150)
 @given(data_cases())
-def test_prepare_data_only_raises_one_line_errors(tmp_path, tok, case):
-    (suffix, body), options, kind = case
-    path = tmp_path / f"fuzz.{suffix}"
-    path.write_bytes(body)
+def test_prepare_data_only_raises_one_line_errors(tmp_path, toks, case):
+    files, options, kind, tok = case
+    paths = []
+    for i, (suffix, body) in enumerate(files):
+        paths.append(tmp_path / f"fuzz{i}.{suffix}")
+        paths[-1].write_bytes(body)
+    if len(paths) > 1:
+        options = {**options, "eval": str(paths[1])}
     try:
-        prepare_data(DataConfig(train=str(path), **options), tok, 0, kind)
+        prepare_data(DataConfig(train=str(paths[0]), **options), toks[tok], 0, kind)
     except TunesmithError as e:
         _one_line(e)
 

@@ -163,6 +163,26 @@ def tokenize_records(
     return out, stats
 
 
+def _why_none(stats: TokenStats, cfg: DataConfig) -> str:
+    """Why every record was left out, for the error that says none is left."""
+    why = []
+    if stats.skipped_bad:
+        why.append(f"{stats.skipped_bad} malformed (first: {stats.first_bad})")
+    if stats.dropped_long:
+        why.append(
+            f"{stats.dropped_long} longer than data.max_length={cfg.max_length} "
+            "(data.truncation=drop; raise data.max_length or set data.truncation=truncate)"
+        )
+    if stats.dropped_empty:
+        why.append(
+            f"{stats.dropped_empty} with an empty completion (first: {stats.first_empty}; "
+            "data.empty_completion=drop)"
+        )
+    if stats.dropped_unsupervised:
+        why.append(f"{stats.dropped_unsupervised} with nothing to train")
+    return ", ".join(why) or "the data has no records"
+
+
 def preflight(examples: list[Example], tokenizer: Any, cfg: DataConfig, where: str) -> None:
     """Stop before training when the data would teach the model never to stop."""
     if not examples:
@@ -244,8 +264,7 @@ def prepare_data(
             f"skipped {eval_stats.skipped_bad} malformed held-out rows (first: {eval_stats.first_bad})"
         )
     if not train:
-        why = f"; first problem: {stats.first_bad}" if stats.first_bad else ""
-        raise DataError(f"{cfg.train}: no usable examples after tokenisation{why}")
+        raise DataError(f"{cfg.train}: no usable examples: {_why_none(stats, cfg)}.")
     preflight(train, tokenizer, cfg, cfg.train)
     check_padding(train, tokenizer, cfg.train)
     if stats.truncated:

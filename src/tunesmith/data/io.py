@@ -87,7 +87,8 @@ def _parse_json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+        msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+        raise ValueError(f"{msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except ValueError as e:  # e.g. an integer with more digits than Python converts
@@ -119,9 +120,8 @@ def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                _bad(
-                    report, skip, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})."
-                )
+                msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+                _bad(report, skip, f"{path}:{lineno}: not valid JSON ({msg} at column {e.colno}).")
                 continue
             except (ValueError, RecursionError) as e:
                 why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
