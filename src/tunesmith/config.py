@@ -392,7 +392,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as e:
         raise ConfigError(
             f"override '{_shown(item)}': the value is not valid YAML ({_yaml_problem(e)}); "
-            f"quote it, e.g. {_shown(key)}='\"{_shown(raw)}\"'."
+            f"write a YAML value (a list is [a, b]) or quote a string: {_shown(key)}='\"{_shown(raw)}\"'."
         ) from None
     return key.strip().split("."), value
 

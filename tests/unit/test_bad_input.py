@@ -306,3 +306,64 @@ def test_no_usable_examples_says_why(tmp_path, tok):
         rf"\(first: {path}:2; data.empty_completion=drop\)\.$",
     ):
         prep(tok, path, max_length=20, truncation="drop", empty_completion="drop")
+
+
+def test_csv_row_with_wrong_number_of_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(
+        DataError, match=r"d.csv:3: wrong number of columns for header \['prompt', 'completion'\]"
+    ):
+        read_records(str(path))
+
+
+def test_eval_fraction_leaving_nothing_to_train(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError, match=r"data.eval=0.5 leaves no training records out of 1"):
+        prepare_data(DataConfig(train=str(path), eval=0.5), tok, 0)
+
+
+def test_missing_template_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    with pytest.raises(
+        ConfigError, match=r"data.template: cannot read .*nope.jinja \(No such file"
+    ):
+        prep(tok, path, template=str(tmp_path / "nope.jinja"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files and overrides
+
+
+def test_config_file_not_utf8_names_its_line(tmp_path):
+    from tunesmith.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  lr: 1e-4\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:3: not UTF-8 text \(byte 0xe9 at column 6\)"):
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  lr: 1e-4\n")  # a BOM is fine
+    assert load_config(path).train.lr == pytest.approx(1e-4)
+
+
+def test_config_file_with_control_character_is_one_line(tmp_path):
+    from tunesmith.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  seed: \x07\n")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml:3: not valid YAML \(special characters are not allowed\)\.$"
+    ):
+        load_config(path)
+
+
+def test_override_value_that_is_not_yaml(tmp_path):
+    from tunesmith.config import load_config
+
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'method.targets=\[q_proj': the value is not valid YAML .*; write a YAML value",
+    ):
+        load_config({}, ["method.targets=[q_proj"])
+    with pytest.raises(ConfigError, match=r"unknown key 'a\\nb'"):
+        load_config({"a\nb": 1})

@@ -92,7 +92,12 @@ def _parse_json(text: str) -> Any:
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except ValueError as e:  # e.g. an integer with more digits than Python converts
-        raise ValueError(str(e).splitlines()[0]) from None
+        raise ValueError(_reason(e)) from None
+
+
+def _reason(e: ValueError) -> str:
+    """The first clause of a parser's complaint (Python's own advice after ';' is for coders)."""
+    return str(e).splitlines()[0].split(";")[0]
 
 
 def _record(obj: Any, origin: str, report: ReadReport, skip: bool) -> Record | None:
@@ -124,8 +129,8 @@ def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
                 _bad(report, skip, f"{path}:{lineno}: not valid JSON ({msg} at column {e.colno}).")
                 continue
             except (ValueError, RecursionError) as e:
-                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                _bad(report, skip, f"{path}:{lineno}: not valid JSON ({why.splitlines()[0]}).")
+                why = "nested too deeply" if isinstance(e, RecursionError) else _reason(e)
+                _bad(report, skip, f"{path}:{lineno}: not valid JSON ({why}).")
                 continue
             if _SURROGATE_ESCAPE.search(line) is None and isinstance(obj, dict):
                 out.append(Record(obj, f"{path}:{lineno}"))  # the common case: nothing to check
