@@ -17,7 +17,7 @@ import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tunesmith.builtin.tokenizer import build_tokenizer
@@ -289,6 +289,46 @@ def test_load_config_only_raises_config_errors(data):
 def test_overrides_only_raise_config_errors(overrides):
     try:
         load_config({}, overrides)
+    except TunesmithError as e:
+        _one_line(e)
+
+
+@FUZZ
+@given(configs())
+def test_config_files_written_as_yaml(tmp_path, data):
+    """The same random configs, through a YAML file (YAML's own types: dates, sets, non-string keys)."""
+    try:
+        text = yaml.safe_dump(data, allow_unicode=True)
+        (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    except (yaml.YAMLError, UnicodeEncodeError):
+        assume(False)  # not representable as a UTF-8 YAML file (a lone surrogate)
+    try:
+        load_config(tmp_path / "c.yaml")
+    except TunesmithError as e:
+        _one_line(e)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "train: {lr: 2020-01-01}\n",
+        "train: !!set {a, b}\n",
+        "{1: 2}\n",
+        "data: {train: [a, b]}\n",
+        "? [a]\n: 1\n",
+        "train: &x {lr: 1}\nmodel: *x\n",
+        "- a\n- b\n",
+        "method: {name: {a: 1}}\n",
+        "train: {betas: [0.9]}\n",
+        "train: {device: 5}\n",
+        "dpo: [1]\n",
+        "task: [sft]\n",
+    ],
+)
+def test_config_files_with_yaml_specific_types(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text)
+    try:
+        load_config(tmp_path / "c.yaml")
     except TunesmithError as e:
         _one_line(e)
 
