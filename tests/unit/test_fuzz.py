@@ -71,7 +71,8 @@ json_values = st.recursive(
     max_leaves=12,
 )
 # Mostly the right type, sometimes anything: so the fuzzer gets past reading into rendering.
-some_text = st.text(max_size=30) | any_text | st.sampled_from(["", " ", "<|im_end|>"])
+long_text = st.builds(lambda c, n: c * n, st.text(min_size=1, max_size=3), st.integers(50, 2000))
+some_text = st.text(max_size=30) | any_text | long_text | st.sampled_from(["", " ", "<|im_end|>"])
 maybe_text = st.one_of(some_text, some_text, some_text, json_values)
 message = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": maybe_text}),
@@ -197,7 +198,7 @@ def data_cases(draw) -> tuple[list[tuple[str, bytes]], dict, RecordKind, str]:
     return files, draw(data_settings), kind, draw(st.sampled_from(["char", "bpe"]))
 
 
-@settings(FUZZ, max_examples=DEEP or 150)
+@settings(FUZZ, max_examples=DEEP or 120)
 @given(data_cases())
 def test_prepare_data_only_raises_one_line_errors(tmp_path, toks, case):
     files, options, kind, tok = case
