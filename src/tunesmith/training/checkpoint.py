@@ -153,18 +153,19 @@ def save_checkpoint(
         for name, write in writers:
             doing = f"writing {tmp / name}"
             files[name] = _write(tmp / name, write)
-            if fault_point("kill-in-checkpoint"):
-                kill_self()
+            _fault()
         doing = f"writing {tmp / MANIFEST}"
         manifest = {"format": FORMAT, "step": step, "files": files}
         _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
         _fsync_dir(tmp)
+        _fault()
         doing = f"renaming {tmp.name} to {final}"
         aside = root / f".old-step-{step:07d}-{os.getpid()}"
         if final.exists():  # the same step again (a resumed run that had finished): swap it
             os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
+        _fault()
         shutil.rmtree(aside, ignore_errors=True)
     except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,9 +183,20 @@ def save_checkpoint(
     return final
 
 
+def _fault() -> None:
+    """Test hook (``TUNESMITH_FAULT=kill-in-checkpoint:N``): SIGKILL at the N-th of these points
+    in this process. A checkpoint passes six: after each of its four files, after the manifest,
+    and after the rename (the first five leave a torn ``.tmp-`` folder)."""
+    if fault_point("kill-in-checkpoint"):
+        kill_self()
+
+
 def io_reason(e: BaseException) -> str:
     """The operating system's words for a failed write ("No space left on device")."""
-    return getattr(e, "strerror", None) or str(e).removeprefix("Error while serializing: ")
+    if getattr(e, "strerror", None):
+        return e.strerror
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    return str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
 
 
 def _prune(root: Path, newest: Path, keep: int) -> None:

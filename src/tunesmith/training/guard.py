@@ -13,10 +13,10 @@ intact whatever the moment.
 skips it (gradients dropped, no optimiser update, counted in the logs) or stops with
 :class:`NonFiniteError`, leaving the last good checkpoint as it was.
 
-**Fault injection.** ``TUNESMITH_FAULT=kill-in-checkpoint:N`` makes the process SIGKILL itself
-half-way through writing the N-th checkpoint it writes (after the first file, before the
-manifest and the rename). The crash-safety tests use it to kill a run at the worst moment
-deterministically; nothing else reads it.
+**Fault injection.** ``TUNESMITH_FAULT=kill-in-checkpoint:N`` makes the process SIGKILL itself at
+the N-th point of checkpoint writing it passes (six per checkpoint: after each of its four files,
+after the manifest, after the rename; see ``checkpoint._fault``). The crash-safety tests use it
+to kill a run at the worst moments deterministically; nothing else reads it.
 """
 
 from __future__ import annotations
