@@ -66,6 +66,31 @@ class Run:
     """The verified checkpoint the loop continues from (None: from step 0)."""
 
 
+RESUME_MAY_CHANGE = frozenset(
+    f"train.{k}"
+    for k in (
+        "progress",
+        "lr",
+        "max_grad_norm",
+        "precision",
+        "nan_policy",
+        "max_nan_steps",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+    )
+)
+"""Settings a resumed run may change: how it logs and saves, and the remedies a stop on NaN/inf
+suggests (a lower peak lr, fp32, clipping). Anything else must match the checkpoint's run."""
+
+
+def _at(d: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return d.get(section, {}).get(key)
+
+
 def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     """Create the run folder (refusing to overwrite a run); with ``resume``, pick the newest
     complete checkpoint and check the config is the run's. Returns (folder, checkpoint or None).
@@ -96,13 +121,23 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
             for s in now
             if isinstance(now[s], dict)
             for k in now[s]
-            if before.get(s, {}).get(k) != now[s][k] and k != "progress"
+            if before.get(s, {}).get(k) != now[s][k]
         ]
         diff += [s for s in now if not isinstance(now[s], dict) and before.get(s) != now[s]]
-        if diff:
+        fixed = [k for k in diff if k not in RESUME_MAY_CHANGE]
+        if fixed:
             raise TunesmithError(
-                f"--resume: the config differs from the run's saved config at {', '.join(diff)}; resume with the same config."
+                f"--resume: the config differs from the run's saved config at {', '.join(fixed)}; "
+                f"resume with the same config (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)."
             )
+        changed = [k for k in diff if k != "train.progress"]
+        if changed:
+            say(
+                "resuming with changed "
+                + ", ".join(f"{k} ({_at(before, k)} -> {_at(now, k)})" for k in changed)
+                + "; the run's config.yaml now says so."
+            )
+            _write_config(cfg, saved)
         return out, start
     if (
         (out / "run.json").exists()

@@ -26,10 +26,12 @@ from safetensors.torch import load_file
 
 import tunesmith
 import tunesmith.training.loop as loop_module
-from tunesmith.errors import SaveError
+from tunesmith.config import load_config
+from tunesmith.errors import SaveError, TunesmithError
 from tunesmith.objectives.sft import SFTObjective
 from tunesmith.training import checkpoint as ckpt
 from tunesmith.training.guard import Interrupted, NonFiniteError, SignalGuard
+from tunesmith.training.optim import lr_factor, warmup_steps
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -158,19 +160,19 @@ def test_random_sigkills_resume_to_the_uninterrupted_weights(llama, pc_data, tmp
     cfg_path = write_config(
         config(llama, pc_data, out, max_steps=steps, save_every=3), tmp_path / "c.yaml"
     )
-    rng = random.Random(15)
-    kills, mid_write, launches, seen_torn = 0, 0, 0, set()
+    rng, KILLS = random.Random(15), 12
+    kills, mid_write, launches, seen_torn, log = 0, 0, 0, set(), []
     metrics = out / "metrics.jsonl"
     while True:
         launches += 1
         assert launches < 30, "the run never finished"
-        fault = kills < 9 and rng.random() < 0.4
+        fault = kills < KILLS and rng.random() < 0.4
         env = {"TUNESMITH_FAULT": f"kill-in-checkpoint:{rng.randint(1, 12)}"} if fault else {}
         last = ckpt.latest_complete(out / "checkpoints")
         base = int(last.name.split("-")[1]) if last else 0
         launched = time.time()
         proc = cli(cfg_path, "--resume", env=env)
-        if not fault and kills < 9:
+        if not fault and kills < KILLS:
             # A random moment once this launch has trained 1-8 steps past where it resumed.
             target = base + rng.randint(1, 8)
             while proc.poll() is None:
@@ -192,8 +194,17 @@ def test_random_sigkills_resume_to_the_uninterrupted_weights(llama, pc_data, tmp
         new_torn = {p.name for p in torn(out)} - seen_torn
         mid_write += bool(new_torn)
         seen_torn |= new_torn
-    print(f"\nkills {kills}, mid-checkpoint-write {mid_write}, launches {launches}")
-    assert kills >= 9 and mid_write >= 3
+        # A checkpoint under its final name is always complete, whatever the moment of the kill.
+        for p in ckpt.list_checkpoints(out / "checkpoints"):
+            assert ckpt.verify_checkpoint(p) is None, p
+        log.append(
+            f"kill {kills}: {env.get('TUNESMITH_FAULT', 'timed')}, resumed from step {base}"
+            f"{', torn write left' if new_torn else ''}"
+        )
+    print(
+        "", *log, f"kills {kills}, mid-checkpoint-write {mid_write}, launches {launches}", sep="\n"
+    )
+    assert kills == KILLS and mid_write >= 3
     assert_same_run(ref, out)
 
 
@@ -323,7 +334,9 @@ def test_nan_step_is_skipped_and_counted(llama, pc_data, tmp_path, monkeypatch, 
             assert torch.isfinite(t).all()
 
 
-def test_nan_policy_stop_keeps_the_last_good_checkpoint(llama, pc_data, tmp_path, monkeypatch):
+def test_nan_policy_stop_keeps_the_last_good_checkpoint(
+    llama, pc_data, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     _nan_at(monkeypatch, {3})
     with pytest.raises(NonFiniteError) as e:
@@ -335,6 +348,19 @@ def test_nan_policy_stop_keeps_the_last_good_checkpoint(llama, pc_data, tmp_path
     (only,) = ckpt.list_checkpoints(out / "checkpoints")
     assert only.name == "step-0000002" and ckpt.verify_checkpoint(only) is None
     assert not (out / "run.json").exists()
+    # The advice is actionable: --resume from the last good checkpoint with a lower lr.
+    monkeypatch.undo()
+    with pytest.raises(TunesmithError, match=r"differs .* at train.seed; resume with the same"):
+        tunesmith.train(config(llama, pc_data, out, max_steps=6, seed=1), resume=True)
+    capsys.readouterr()
+    tunesmith.train(
+        config(llama, pc_data, out, max_steps=6, nan_policy="stop", lr=5e-3), resume=True
+    )
+    assert "resuming with changed train.lr (0.01 -> 0.005)" in capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "lr" in r}
+    w = warmup_steps(load_config(out / "config.yaml").train, 6)
+    assert lrs[2] == pytest.approx(1e-2 * lr_factor(2, 6, w, "cosine"))  # before the stop
+    assert lrs[3] == pytest.approx(5e-3 * lr_factor(3, 6, w, "cosine"))  # resumed, lowered
 
 
 def test_consecutive_nan_steps_stop_a_skipping_run(llama, pc_data, tmp_path, monkeypatch):

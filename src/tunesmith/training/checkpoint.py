@@ -26,6 +26,7 @@ naming what failed and the previous checkpoint, which is untouched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,9 +82,14 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a new file, a rename) to disk. Some file systems cannot fsync a
+    folder (EINVAL): there the rename is as durable as the file system makes it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

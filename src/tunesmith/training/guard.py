@@ -98,7 +98,7 @@ class SignalGuard:
 
 ADVICE = (
     "try a lower train.lr, train.precision=fp32 instead of bf16, or gradient clipping "
-    "(train.max_grad_norm=1.0)"
+    "(train.max_grad_norm=1.0); --resume accepts these changes"
 )
 
 

@@ -127,6 +127,18 @@ def train_step(
     )
 
 
+def retarget_lr(opt: torch.optim.Optimizer, sched: Any, lr: float) -> None:
+    """Give a restored optimiser and schedule the peak lr ``lr`` (the checkpoint carries the one
+    it was written with): a resumed run may lower it. Same lr: nothing changes, bit for bit."""
+    if all(base == lr for base in sched.base_lrs):
+        return
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    factors = [f(sched.last_epoch) for f in sched.lr_lambdas]
+    for group, f in zip(opt.param_groups, factors):
+        group["initial_lr"], group["lr"] = lr, lr * f
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -203,6 +215,7 @@ def train_loop(
     if start is not None:
         state |= load_checkpoint(start, method, opt, sched)
         source.load_state_dict(state["source"])
+        retarget_lr(opt, sched, cfg.lr)
         say(f"resuming from {start} (step {state['step']} of {steps}).")
     last_saved, saved_at = (str(start), state["step"]) if start is not None else (None, -1)
     nan = NanGuard(cfg.nan_policy, cfg.max_nan_steps, state["nan_steps"])
