@@ -41,6 +41,7 @@ from tunesmith.training.checkpoint import (
     latest_complete_name,
     list_checkpoints,
 )
+from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
 
 
@@ -259,6 +260,15 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
     }
     if isinstance(run.source, Batches):
         info["packing_efficiency"] = run.source.packing_efficiency()
+    bad = next(
+        (k for k, t in ctx.method.state_dict().items() if not bool(torch.isfinite(t).all())), None
+    )
+    if bad is not None:  # never write NaN/inf weights as the run's result
+        last = latest_complete_name(ctx.out / "checkpoints")
+        raise NonFiniteError(
+            f"final weights: {bad} holds NaN/inf, so the run was not saved"
+            f"{f'; the last good checkpoint {last} is intact' if last else ''}; {ADVICE}."
+        )
     try:
         save_artifacts(ctx, task, run.base_path, info)
         write_report(ctx.out, ctx.cfg, info, result.history)
@@ -270,7 +280,11 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
             if last
             else "no checkpoint was written (set train.save_every to keep one)"
         )
-        raise SaveError(f"final save to {ctx.out} failed ({io_reason(e)}); {kept}.") from None
+        (ctx.out / "run.json.tmp").unlink(missing_ok=True)
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        raise SaveError(
+            f"final save to {ctx.out} failed{where} ({io_reason(e)}); {kept}."
+        ) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
     say(
         f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"
