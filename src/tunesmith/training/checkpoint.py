@@ -229,7 +229,7 @@ def verify_checkpoint(path: Path) -> str | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        return f"no {MANIFEST} (its write was cut short)"
+        return f"no {MANIFEST} (its write was cut short, or an older tunesmith wrote it)"
     except (OSError, ValueError) as e:
         return f"{MANIFEST} unreadable ({e})"
     files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
