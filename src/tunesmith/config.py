@@ -98,6 +98,11 @@ class TrainConfig:
     """Decay after warm-up."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; null disables clipping."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient norm is NaN/inf is never applied: ``skip`` drops it (counted
+    in the logs as ``nan_steps``), ``stop`` ends the run there, leaving the last checkpoint."""
+    max_nan_steps: int = 5
+    """With ``nan_policy: skip``, this many non-finite steps in a row stop the run."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast precision: ``auto`` is bf16 on a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
@@ -324,7 +329,7 @@ def _check_data(d: DataConfig) -> None:
 def _check_train(t: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "grad_accum", "lr", "max_steps", "eval_every"):
         _positive(f"train.{name}", getattr(t, name))
-    for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every"):
+    for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every", "max_nan_steps"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.warmup", t.warmup, allow_zero=True)
