@@ -367,3 +367,43 @@ def test_override_value_that_is_not_yaml(tmp_path):
         load_config({}, ["method.targets=[q_proj"])
     with pytest.raises(ConfigError, match=r"unknown key 'a\\nb'"):
         load_config({"a\nb": 1})
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts that Windows tools and spreadsheets write
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
+def test_utf16_files_load(tmp_path, name):
+    """PowerShell's `>` and Excel's "Unicode text" write UTF-16 with a byte-order mark."""
+    rows = [{"prompt": "café", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    body = {
+        "d.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+        "d.json": json.dumps(rows, ensure_ascii=False),
+        "d.csv": "prompt,completion\r\ncafé,b\r\nc,d\r\n",
+    }[name]
+    path = tmp_path / name
+    path.write_bytes(body.encode("utf-16"))  # with its BOM
+    records, _ = read_records(str(path))
+    assert [r.fields for r in records] == rows
+    path.write_bytes(body.encode("utf-16")[:-1])  # cut in the middle of a character
+    with pytest.raises(
+        DataError, match=rf"{name}: not valid UTF-16 text .*; save the file as UTF-8"
+    ):
+        read_records(str(path))
+
+
+def test_json_lines_in_a_json_file_load(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    records, _ = read_records(str(path))
+    assert [r.fields for r in records] == [{"text": "a"}, {"text": "b"}]
+    assert records[1].origin == f"{path}:2"
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs(tmp_path, sep):
+    path = tmp_path / "d.csv"
+    path.write_bytes(f"\ufeffprompt{sep}completion\na, b{sep}c\n".encode())  # Excel: BOM and ';'
+    records, _ = read_records(str(path))
+    assert [r.fields for r in records] == [{"prompt": "a, b", "completion": "c"}]

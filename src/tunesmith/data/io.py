@@ -42,6 +42,14 @@ def _bad(report: ReadReport, skip: bool, message: str) -> None:
 
 # "utf-8-sig" reads UTF-8 and drops a leading byte-order mark when there is one.
 ENCODING = "utf-8-sig"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-8 (BOM or not), or UTF-16 when the file starts with its byte-order mark (as Windows
+    PowerShell's ``>`` and Excel's "Unicode text" write)."""
+    with path.open("rb") as f:
+        return "utf-16" if f.read(2) in UTF16_BOMS else ENCODING
 
 
 def bad_utf8(path: Path) -> str:
@@ -50,6 +58,8 @@ def bad_utf8(path: Path) -> str:
     The file is read again line by line (only after decoding it failed), so a user with a long
     file learns which line to fix.
     """
+    if text_encoding(path) == "utf-16":
+        return f"{path}: not valid UTF-16 text (it starts with a UTF-16 byte-order mark); save the file as UTF-8"
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             try:
@@ -118,7 +128,7 @@ def _record(obj: Any, origin: str, report: ReadReport, skip: bool) -> Record | N
 
 def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     out = []
-    with path.open(encoding=ENCODING) as f:
+    with path.open(encoding=text_encoding(path)) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -142,10 +152,12 @@ def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
 
 
 def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
-    text = path.read_text(encoding=ENCODING)  # a UnicodeDecodeError is reported by the caller
+    text = path.read_text(encoding=text_encoding(path))  # the caller reports a decoding error
     try:
         data = _parse_json(text)
     except ValueError as e:
+        if str(e).startswith("Extra data"):  # one object per line: JSON Lines named .json
+            return _read_jsonl(path, skip, report)
         where = re.search(r" at line (\d+) column \d+$", str(e))
         line = f":{where.group(1)}" if where else ""
         raise DataError(f"{path}{line}: not valid JSON ({str(e)}).") from None
@@ -165,11 +177,20 @@ def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
 CSV_FIELD_LIMIT = 2**31 - 1
 
 
+def _delimiter(header: str) -> str:
+    """',' unless the header line is clearly separated by ';' (spreadsheets in many locales) or tabs."""
+    for sep in (",", ";", "\t"):
+        if sep in header:
+            return sep
+    return ","
+
+
 def _read_csv(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     out = []
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    with path.open(encoding=ENCODING, newline="") as f:
-        reader = csv.DictReader(f)
+    with path.open(encoding=text_encoding(path), newline="") as f:
+        reader = csv.DictReader(f, delimiter=_delimiter(f.readline()))
+        f.seek(0)
         try:
             for row in reader:
                 lineno = reader.line_num
