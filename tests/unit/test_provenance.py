@@ -24,7 +24,13 @@ def test_fingerprint_of_each_file_type(tmp_path):
         "prompt,completion\n" + "".join(f'p{i},"c\n{i}"\n' for i in range(5))
     )
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet"):
+    (tmp_path / "utf16.jsonl").write_bytes(jsonl.read_text().encode("utf-16"))
+    (tmp_path / "lines.json").write_text(jsonl.read_text())  # JSON Lines named .json
+    (tmp_path / "semi.csv").write_text(
+        "prompt;completion\n" + "".join(f"p{i};c{i}\n" for i in range(5))
+    )
+    names = ["d.jsonl", "d.json", "d.csv", "d.parquet", "utf16.jsonl", "lines.json", "semi.csv"]
+    for name in names:
         path = tmp_path / name
         fp = fingerprint(str(path))
         assert fp == {

@@ -177,7 +177,7 @@ def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
 CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _delimiter(header: str) -> str:
+def csv_delimiter(header: str) -> str:
     """',' unless the header line is clearly separated by ';' (spreadsheets in many locales) or tabs."""
     for sep in (",", ";", "\t"):
         if sep in header:
@@ -189,7 +189,7 @@ def _read_csv(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     out = []
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with path.open(encoding=text_encoding(path), newline="") as f:
-        reader = csv.DictReader(f, delimiter=_delimiter(f.readline()))
+        reader = csv.DictReader(f, delimiter=csv_delimiter(f.readline()))
         f.seek(0)
         try:
             for row in reader:
