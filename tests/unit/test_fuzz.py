@@ -147,11 +147,23 @@ def data_files(draw, shape: str) -> tuple[str, bytes]:
     if draw(st.integers(0, 3)) == 0:  # corrupt it: a BOM, a stray byte, a NUL, a cut
         junk = draw(
             st.sampled_from(
-                [b"\xef\xbb\xbf", b"\xff", b"\x00", b"\r", b"\xc3", b"\n\n", b'"', b"{"]
+                [
+                    b"\xef\xbb\xbf",
+                    b"\xff\xfe",
+                    b"\xff",
+                    b"\x00",
+                    b"\r",
+                    b"\xc3",
+                    b"\n\n",
+                    b'"',
+                    b"{",
+                ]
             )
         )
         at = draw(st.integers(0, len(body)))
         body = body[:at] + junk + body[at:]
+    elif draw(st.integers(0, 5)) == 0:  # as Windows PowerShell writes it
+        body = body.decode("utf-8", "surrogatepass").encode("utf-16", "surrogatepass")
     return kind, body
 
 
