@@ -190,8 +190,8 @@ def test_empty_completion_warn_drop_error(tmp_path, tok, row, what):
     assert len(data.train) == 5 and data.stats.empty == 2
     notes = [n for n in data.notes if "empty completion" in n]
     assert notes == [
-        f"warning: 2 of 5 training records have an empty completion, so only the end token "
-        f"trains for them (first: {origin}); fill them in, or set data.empty_completion=drop or error"
+        f"warning: 2 of 5 training records have an empty completion, so the model learns to answer "
+        f"nothing there (first: {origin}); fill them in, or set data.empty_completion=drop or error"
     ]
 
     data = prep(tok, path, empty_completion="drop")
@@ -200,7 +200,9 @@ def test_empty_completion_warn_drop_error(tmp_path, tok, row, what):
         f"dropped 2 of 5 training records with an empty completion (first: {origin})" in data.notes
     )
 
-    with pytest.raises(DataError, match=rf"d.jsonl:2: empty {what}, so only the end token"):
+    with pytest.raises(
+        DataError, match=rf"d.jsonl:2: empty {what}, so the model would learn to answer nothing"
+    ):
         prep(tok, path, empty_completion="error")
 
 

@@ -167,9 +167,9 @@ def test_pair_checks(tmp_path, tok):
     data = pair_data(tok, tmp_path, empty)  # warn: kept, counted, one line
     assert len(data.train) == 2 * len(empty) and data.stats.empty == 1
     assert [n for n in data.notes if "empty completion" in n] == [
-        f"warning: 1 of {len(empty)} training records have an empty completion, so only the end "
-        f"token trains for them (first: {tmp_path / 'p.jsonl'}:1); fill them in, or set "
-        "data.empty_completion=drop or error"
+        f"warning: 1 of {len(empty)} training records have an empty completion, so the model "
+        f"learns to answer nothing there (first: {tmp_path / 'p.jsonl'}:1); fill them in, or "
+        "set data.empty_completion=drop or error"
     ]
     data = pair_data(tok, tmp_path, empty, empty_completion="drop")
     assert len(data.train) == 2 * len(PAIRS) and data.stats.dropped_empty == 1

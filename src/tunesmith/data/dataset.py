@@ -78,8 +78,8 @@ def _empty(rec: Record, what: str, policy: str, stats: TokenStats) -> bool:
     stats.first_empty = stats.first_empty or rec.origin
     if policy == "error":
         raise DataError(
-            f"{rec.origin}: empty {what}, so only the end token would train; fill it in, or set "
-            "data.empty_completion=drop (leave such examples out) or warn (train on them)."
+            f"{rec.origin}: empty {what}, so the model would learn to answer nothing; fill it in, "
+            "or set data.empty_completion=drop (leave such examples out) or warn (train on them)."
         )
     if policy == "drop":
         stats.dropped_empty += 1
@@ -282,9 +282,9 @@ def prepare_data(
             )
         elif s.empty:
             notes.append(
-                f"warning: {s.empty} of {n} {which} records have an empty completion, so only the "
-                f"end token trains for them (first: {s.first_empty}); fill them in, or set "
-                "data.empty_completion=drop or error"
+                f"warning: {s.empty} of {n} {which} records have an empty completion, so the "
+                f"model learns to answer nothing there (first: {s.first_empty}); fill them in, or "
+                "set data.empty_completion=drop or error"
             )
     return PreparedData(
         fmt, template, train, evals, train_records, eval_records, stats, eval_stats, notes
