@@ -141,11 +141,13 @@ def tokenize_records(
                 break
             if ex.n_supervised == 0:
                 stats.dropped_unsupervised += 1
-                why = f" after truncation to data.max_length={cfg.max_length}" if truncated else ""
-                _bad_row(
-                    skip_bad,
-                    f"{rec.origin}: no supervised tokens{why} (an empty completion or assistant turn?).",
+                why = (
+                    f" after truncation to data.max_length={cfg.max_length}: the prompt fills it "
+                    "(raise data.max_length, or set data.truncation=drop to leave such examples out)"
+                    if truncated
+                    else " (no completion or assistant turn to train, and no end token?)"
                 )
+                _bad_row(skip_bad, f"{rec.origin}: no supervised tokens{why}.")
                 break
             examples.append(ex)
         if len(examples) != len(sides):
