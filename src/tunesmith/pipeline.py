@@ -25,6 +25,7 @@ from tunesmith.methods import Method, build_method
 from tunesmith.models import (
     HEADS,
     apply_method,
+    head_kwargs,
     load_model,
     load_tokenizer,
     pick_device,
@@ -107,7 +108,7 @@ def setup_model(
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, base_path)
     torch.manual_seed(cfg.train.seed)  # new parameters (LoRA A, heads) start the same every run
-    model = load_model(cfg.model, device, base_path, head)
+    model = load_model(cfg.model, device, base_path, head, head_kwargs(cfg, head))
     method = build_method(cfg.method)
     return apply_method(model, method, head, tokenizer), tokenizer, method, base_path
 
@@ -121,6 +122,8 @@ def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
 def setup_run(cfg: Config, resume: bool = False) -> Run:
     """Everything the loop needs, built from the task's declaration."""
     task = get_task(cfg.task)
+    if task.prepare is not None:
+        task.prepare(cfg)
     out = prepare_output_dir(cfg, resume)
     device = pick_device(cfg.train.device)
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
@@ -135,7 +138,9 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         device,
         data,
         training=True,
-        starting_model=lambda: load_model(cfg.model, device, base_path, task.head),
+        starting_model=lambda: load_model(
+            cfg.model, device, base_path, task.head, head_kwargs(cfg, task.head)
+        ),
         out=out,
     )
     trainable, total = parameter_counts(model, method)
@@ -180,8 +185,12 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
     }
     if isinstance(run.source, Batches):
         info["packing_efficiency"] = run.source.packing_efficiency()
+    section = ""
+    if task.report is not None and ctx.data.eval:
+        metrics, section = task.report(ctx)
+        info.update(metrics)
     save_artifacts(ctx, task, run.base_path, info)
-    write_report(ctx.out, ctx.cfg, info, result.history)
+    write_report(ctx.out, ctx.cfg, info, result.history, section)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
     say(
         f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"

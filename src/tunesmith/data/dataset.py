@@ -10,7 +10,13 @@ import numpy as np
 
 from tunesmith.config import DataConfig
 from tunesmith.data.batching import collate
-from tunesmith.data.formats import detect_format, render, render_pair, resolve_template
+from tunesmith.data.formats import (
+    detect_format,
+    fitting_formats,
+    render,
+    render_pair,
+    resolve_template,
+)
 from tunesmith.data.io import Record, read_records
 from tunesmith.data.kinds import EXAMPLES, RecordKind
 from tunesmith.data.tokenize import Example, TokenStats, adds_bos, tokenize_segments
@@ -177,7 +183,8 @@ def prepare_data(
         train_records = train_records[: cfg.max_examples]
     fmt = cfg.format
     if fmt == "auto":
-        fmt = detect_format(train_records[0])
+        fits = [f for f in fitting_formats(train_records[0].fields) if f in kind.formats]
+        fmt = fits[0] if fits else detect_format(train_records[0])
         notes.append(
             f"format: auto chose '{fmt}' from the fields {sorted(train_records[0].fields)}"
         )
@@ -186,11 +193,15 @@ def prepare_data(
             f"data.format: '{fmt}' does not fit this task, which trains on {kind.describe}."
         )
     template = resolve_template(cfg.template, tokenizer)
-    train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
+    encode = kind.encode or tokenize_records
+    train, stats = encode(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad = report.skipped
-    evals, eval_stats = tokenize_records(eval_records, fmt, cfg, tokenizer, template, True)
-    preflight(train, tokenizer, cfg, cfg.train)
-    check_padding(train, tokenizer, cfg.train)
+    evals, eval_stats = encode(eval_records, fmt, cfg, tokenizer, template, True)
+    if kind.token_targets:
+        preflight(train, tokenizer, cfg, cfg.train)
+        check_padding(train, tokenizer, cfg.train)
+    elif not train:
+        raise DataError(f"{cfg.train}: no usable examples after tokenisation.")
     if stats.truncated:
         verb = "dropped" if cfg.truncation == "drop" else "truncated"
         notes.append(

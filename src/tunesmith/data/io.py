@@ -14,7 +14,7 @@ from pathlib import Path
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass
@@ -78,10 +78,10 @@ def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     return out
 
 
-def _read_csv(path: Path, skip: bool, report: ReadReport) -> list[Record]:
+def _read_csv(path: Path, skip: bool, report: ReadReport, delimiter: str = ",") -> list[Record]:
     out = []
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=delimiter)
         for row in reader:
             lineno = reader.line_num
             if None in row or any(v is None for v in row.values()):
@@ -109,6 +109,7 @@ _READERS = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,
+    ".tsv": lambda path, skip, report: _read_csv(path, skip, report, "\t"),
     ".parquet": _read_parquet,
 }
 
