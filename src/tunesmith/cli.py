@@ -21,6 +21,7 @@ EPILOG = """examples:
   tunesmith train configs/dpo_lora.yaml model.name=runs/quickstart
   tunesmith compare configs/sft_lora.yaml --methods full,lora,prefix output_dir=runs/bakeoff
   tunesmith generate builtin:tiny --adapter a=runs/sft-lora --adapter b=runs/x --use all --prompt "What is 3 plus 4?"
+  tunesmith predict runs/classify --text "a gripping, well acted film"
   tunesmith score runs/reward-full --prompt "What is 2 plus 3?" --response 5 --response 6
   tunesmith feedback runs/quickstart --prompts builtin:arith:eval --out prefs.jsonl
 """
@@ -146,6 +147,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sc.add_argument(
         "--raw", action="store_true", help="do not wrap prompt and response in the chat template"
+    )
+
+    pr = sub.add_parser(
+        "predict",
+        help="class labels and probabilities from a classifier run",
+        description="Print the label and class probabilities a classifier (a task: classify run) gives each input.",
+    )
+    pr.add_argument("model", help="classify run folder or sequence-classification model folder")
+    pr.add_argument("--text", action="append", help="an input text (repeat for several)")
+    pr.add_argument(
+        "--text-pair", action="append", help="the second text of a pair, one per --text"
+    )
+    pr.add_argument(
+        "--file", help="inputs: .jsonl with 'text' (+ 'text_pair'), or one text per line"
     )
 
     m = sub.add_parser(
@@ -328,6 +343,26 @@ def _cmd_score(a: argparse.Namespace) -> None:
         print(f"{reward:+.4f}  {response}")
 
 
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from tunesmith.predict import predict, read_inputs
+
+    if bool(a.text) == bool(a.file):
+        raise TunesmithError("predict: give --text (repeatable) or --file, not both.")
+    if a.file:
+        inputs = read_inputs(a.file)
+    else:
+        pairs = a.text_pair or []
+        if pairs and len(pairs) != len(a.text):
+            raise TunesmithError(
+                f"predict: {len(a.text)} --text but {len(pairs)} --text-pair; give one pair per text."
+            )
+        inputs = list(zip(a.text, pairs or [None] * len(a.text)))
+    for p in predict(a.model, inputs):
+        probs = "  ".join(f"{k}={v:.3f}" for k, v in p.probabilities.items())
+        shown = p.text if p.text_pair is None else f"{p.text} ||| {p.text_pair}"
+        print(f"{p.label}\t{probs}\t{shown}")
+
+
 def _cmd_merge(a: argparse.Namespace) -> None:
     from tunesmith.merge import merge_run
 
@@ -388,6 +423,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "compare": _cmd_compare,
     "score": _cmd_score,
+    "predict": _cmd_predict,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
     "feedback": _cmd_feedback,

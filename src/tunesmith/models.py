@@ -176,13 +176,29 @@ def load_model(
     kwargs.update(extra or {})
     auto = getattr(transformers, spec.auto_class)
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
     for name in spec.new_modules:  # methods never wrap a task head: it trains whole
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True
+    if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
+        for name in new_module_names(model, info):
+            model.get_submodule(name).tunesmith_head = True
     return model.to(device)
+
+
+def new_module_names(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    """Modules whose every parameter was freshly initialised by ``from_pretrained`` (missing
+    from the checkpoint, or replaced for a size mismatch)."""
+    fresh = set(info.get("missing_keys", ()))
+    fresh |= {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    out = []
+    for name, module in model.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if params and all(p in fresh for p in params):
+            out.append(name)
+    return out
 
 
 def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn.Module:
@@ -196,9 +212,9 @@ def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn
         model.config.pad_token_id = tokenizer.pad_token_id
     method.task_type = spec.peft_task_type
     model = method.apply(model)
-    for name in spec.new_modules:
-        if hasattr(model, name):
-            getattr(model, name).requires_grad_(True)
+    for module in model.modules():
+        if getattr(module, "tunesmith_head", False):
+            module.requires_grad_(True)
     return model
 
 

@@ -207,6 +207,8 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
     """
     out, method = ctx.out, ctx.method
     if HEADS[task.head].saved_whole and method.mergeable:
+        if method.artifact == "adapter":  # the PEFT layout too (task type, head alongside)
+            method.save(out / "adapter", base_path)
         method.merge().save_pretrained(out, safe_serialization=True)
         artifact = "model"
     else:

@@ -75,7 +75,7 @@ def batch_size(kwargs: dict[str, Any]) -> int:
 
 
 def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
-    """Make room for n virtual tokens in a given attention mask and position ids.
+    """Make room for n virtual tokens in a given attention mask, position ids and token types.
 
     The mask always covers the virtual tokens (they are in the cache or in the input); positions
     move up by n, and when the virtual tokens are part of this call's input (``prepend``) they
@@ -85,6 +85,10 @@ def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
     if mask is not None and mask.dim() == 2:
         ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
         kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)  # (B, n + T)
+    types = kwargs.get("token_type_ids")
+    if types is not None and prepend:  # virtual tokens belong to the first segment (PEFT's rule)
+        zeros = torch.zeros(types.shape[0], n, dtype=types.dtype, device=types.device)
+        kwargs["token_type_ids"] = torch.cat([zeros, types], dim=1)  # (B, n + T)
     pos = kwargs.get("position_ids")
     if pos is not None:
         shifted = pos + n
