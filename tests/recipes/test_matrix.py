@@ -26,6 +26,10 @@ DATA = {  # record kind -> rows to train (and evaluate) on
         {"prompt": f"Q: {a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}
         for a, b in QUESTIONS
     ],
+    # The class is a property of the sum, which the last token (a decoder's summary) predicts.
+    "labeled": [
+        {"text": f"Q: {a}+{b}=", "label": "low" if a + b < 3 else "high"} for a, b in QUESTIONS
+    ],
 }
 
 

@@ -62,6 +62,7 @@ def _encode_labeled(*args: Any, **kwargs: Any) -> Any:
 LABELED = RecordKind(
     "labeled",
     ("labeled",),
+    unit="labelled texts",
     describe="labelled text ('text', optional 'text_pair', 'label')",
     packable=False,
     encode=_encode_labeled,

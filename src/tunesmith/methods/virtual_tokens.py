@@ -18,7 +18,8 @@ methods refuse packing (``packing_ok = False``; ``data.packing: auto`` turns it 
 
 Artifacts use PEFT's prompt-learning layout: ``adapter_config.json`` and
 ``adapter_model.safetensors`` holding ``prompt_embeddings`` (n, dim); a trained task head, if any,
-is stored beside it as ``base_model.model.<head>.weight``.
+is stored beside it as ``base_model.<head>.weight`` (PEFT's key for ``modules_to_save`` of a
+prompt-learning model, whose ``base_model`` is the transformers model itself).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import toggled
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -184,7 +185,8 @@ def load_prompt_learning(
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
-            name = key.removeprefix(PEFT_PREFIX)
+            # Older tunesmith artifacts used "base_model.model." (the LoRA-model layout).
+            name = key.removeprefix(PEFT_PREFIX + "model.").removeprefix(PEFT_PREFIX)
             if name not in params:
                 raise TunesmithError(f"{path}: {key} fits no parameter of this model.")
             params[name].copy_(value)
