@@ -22,6 +22,7 @@ EPILOG = """examples:
   tunesmith compare configs/sft_lora.yaml --methods full,lora,prefix output_dir=runs/bakeoff
   tunesmith generate builtin:tiny --adapter a=runs/sft-lora --adapter b=runs/x --use all --prompt "What is 3 plus 4?"
   tunesmith predict runs/classify --text "a gripping, well acted film"
+  tunesmith student runs/classify --layers 0,2,4 --out students/s3
   tunesmith score runs/reward-full --prompt "What is 2 plus 3?" --response 5 --response 6
   tunesmith feedback runs/quickstart --prompts builtin:arith:eval --out prefs.jsonl
 """
@@ -162,6 +163,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--file", help="inputs: .jsonl with 'text' (+ 'text_pair'), or one text per line"
     )
+
+    st = sub.add_parser(
+        "student",
+        help="build a smaller student from a teacher's layers (DistilBERT's initialisation)",
+        description="Write a student model that keeps some of the teacher's layers (default every other one), with its embeddings, head and tokenizer.",
+    )
+    st.add_argument("teacher", help="teacher model folder (or a run folder of a whole model)")
+    st.add_argument("--layers", help="teacher layers to keep, e.g. 0,2,4 (default every other one)")
+    st.add_argument("--out", required=True, help="folder for the student")
 
     m = sub.add_parser(
         "merge",
@@ -363,6 +373,21 @@ def _cmd_predict(a: argparse.Namespace) -> None:
         print(f"{p.label}\t{probs}\t{shown}")
 
 
+def _cmd_student(a: argparse.Namespace) -> None:
+    from tunesmith.student import build_student
+
+    layers = None
+    if a.layers:
+        try:
+            layers = [int(x) for x in a.layers.split(",")]
+        except ValueError:
+            raise TunesmithError(
+                f"--layers: got {a.layers!r}; give comma-separated layer indices like 0,2,4."
+            ) from None
+    out = build_student(a.teacher, a.out, layers)
+    print(f"student written to {out}")
+
+
 def _cmd_merge(a: argparse.Namespace) -> None:
     from tunesmith.merge import merge_run
 
@@ -424,6 +449,7 @@ COMMANDS = {
     "compare": _cmd_compare,
     "score": _cmd_score,
     "predict": _cmd_predict,
+    "student": _cmd_student,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
     "feedback": _cmd_feedback,
