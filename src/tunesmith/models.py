@@ -182,8 +182,9 @@ def load_model(
     for name in spec.new_modules:  # methods never wrap a task head: it trains whole
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True
+    model.tunesmith_fresh = new_module_names(model, info)  # initialised here, not loaded
     if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
-        for name in new_module_names(model, info):
+        for name in model.tunesmith_fresh:
             model.get_submodule(name).tunesmith_head = True
     return model.to(device)
 

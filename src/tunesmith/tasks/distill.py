@@ -105,6 +105,12 @@ def load_teacher(ctx: Context) -> tuple[nn.Module, Any]:
     else:
         mcfg = ModelConfig(name=s.teacher, dtype=s.teacher_dtype)
         model = load_model(mcfg, ctx.device, head=head, extra=head_kwargs(ctx.cfg, head))
+        if model.tunesmith_fresh:
+            raise ConfigError(
+                f"{ctx.cfg.task}.teacher: {s.teacher} lacks trained weights for "
+                f"{', '.join(model.tunesmith_fresh)} (a new head would teach noise); give a teacher "
+                "trained for this task (e.g. a task: classify run folder)."
+            )
         tok = load_tokenizer(mcfg)
     if s.teacher_dtype != "auto":
         model = model.to(DTYPES[s.teacher_dtype])
@@ -212,7 +218,7 @@ DISTILL_CLASSIFY = register(
         section=DistillConfig,
         extra_eval=lambda ctx, samples: classification_report(ctx)[0],
         compare_metrics=("eval_loss", "eval_accuracy", "eval_macro_f1"),
-        rising=("eval_accuracy",),
+        rising=("eval_agreement",),
         prepare=prepare,
         report=compare_with_teacher,
     )
