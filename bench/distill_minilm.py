@@ -24,11 +24,46 @@ import random
 import time
 from pathlib import Path
 
-SUBJECTS = "food service plot battery acting screen staff ending price sound camera story".split()
-POS = "great excellent wonderful superb delightful impressive solid lovely pleasant good".split()
-NEG = "terrible awful disappointing poor dreadful mediocre weak annoying bad unpleasant".split()
-POS_NEW = "fantastic outstanding brilliant terrific marvelous".split()  # held out only
-NEG_NEW = "horrible atrocious lousy abysmal pathetic".split()
+SUBJECTS = [
+    "food",
+    "service",
+    "plot",
+    "battery",
+    "acting",
+    "screen",
+    "staff",
+    "ending",
+    "price",
+    "sound",
+    "camera",
+    "story",
+]
+POS = [
+    "great",
+    "excellent",
+    "wonderful",
+    "superb",
+    "delightful",
+    "impressive",
+    "solid",
+    "lovely",
+    "pleasant",
+    "good",
+]
+NEG = [
+    "terrible",
+    "awful",
+    "disappointing",
+    "poor",
+    "dreadful",
+    "mediocre",
+    "weak",
+    "annoying",
+    "bad",
+    "unpleasant",
+]
+POS_NEW = ["fantastic", "outstanding", "brilliant", "terrific", "marvelous"]  # held out only
+NEG_NEW = ["horrible", "atrocious", "lousy", "abysmal", "pathetic"]
 NEGATIONS = ["not", "hardly", "far from", "anything but", "never"]
 LABELS = ["negative", "mixed", "positive"]
 
@@ -106,7 +141,10 @@ def throughput(path: Path, texts: list[str], batch: int = 64, repeats: int = 3) 
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    encoded = [tok(texts[k : k + batch], padding=True, return_tensors="pt") for k in range(0, len(texts), batch)]
+    encoded = [
+        tok(texts[k : k + batch], padding=True, return_tensors="pt")
+        for k in range(0, len(texts), batch)
+    ]
     best = float("inf")
     with torch.no_grad():
         model(**encoded[0])  # warm-up
@@ -136,7 +174,13 @@ def main() -> None:
         "model": str(base),
         "task": "classify",
         "data": {"train": str(train), "eval": str(held), "max_length": 48, "labels": LABELS},
-        "train": {"epochs": a.epochs, "batch_size": 32, "warmup": 0.06, "progress": False, "seed": 0},
+        "train": {
+            "epochs": a.epochs,
+            "batch_size": 32,
+            "warmup": 0.06,
+            "progress": False,
+            "seed": 0,
+        },
     }
     runs = {
         "MiniLM-L6 full (teacher)": (
@@ -145,8 +189,11 @@ def main() -> None:
         ),
         "MiniLM-L6 LoRA r16": (
             "lora",
-            {**common, "method": {"name": "lora", "rank": 16, "alpha": 32},
-             "train": {**common["train"], "lr": 1e-3}},
+            {
+                **common,
+                "method": {"name": "lora", "rank": 16, "alpha": 32},
+                "train": {**common["train"], "lr": 1e-3},
+            },
         ),  # fmt: skip
     }
     teacher_dir = out / "full"
@@ -180,18 +227,36 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         speed = throughput(r["dir"], texts)
-        rows.append((name, r["total_params"], r["trainable_params"], r["eval_accuracy"], r["eval_macro_f1"], speed))
+        rows.append(
+            (
+                name,
+                r["total_params"],
+                r["trainable_params"],
+                r["eval_accuracy"],
+                r["eval_macro_f1"],
+                speed,
+            )
+        )
     kw = keyword_baseline(train, held)
-    print(f"\nheld-out: {len(texts)} reviews (clean labels; half the clauses use unseen adjectives)")
+    print(
+        f"\nheld-out: {len(texts)} reviews (clean labels; half the clauses use unseen adjectives)"
+    )
     print(f"bag-of-words + bigrams logistic regression: accuracy {kw:.3f}\n")
     print("| model | params | trained | held-out accuracy | macro-F1 | examples/s (CPU) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, total, trained, acc, f1, speed in rows:
-        print(f"| {name} | {total / 1e6:.1f} M | {trained / 1e6:.2f} M | {acc:.3f} | {f1:.3f} | {speed:,.0f} |")
+        print(
+            f"| {name} | {total / 1e6:.1f} M | {trained / 1e6:.2f} M | {acc:.3f} | {f1:.3f} | {speed:,.0f} |"
+        )
     names = [r[0] for r in rows]
     if "MiniLM-L6 full (teacher)" in names and "3-layer student, distilled" in names:
-        t, s = rows[names.index("MiniLM-L6 full (teacher)")], rows[names.index("3-layer student, distilled")]
-        print(f"\nstudent / teacher: accuracy {s[3] / t[3]:.3f}, speed {s[5] / t[5]:.2f}x, params {s[1] / t[1]:.2f}")
+        t, s = (
+            rows[names.index("MiniLM-L6 full (teacher)")],
+            rows[names.index("3-layer student, distilled")],
+        )
+        print(
+            f"\nstudent / teacher: accuracy {s[3] / t[3]:.3f}, speed {s[5] / t[5]:.2f}x, params {s[1] / t[1]:.2f}"
+        )
     if "MiniLM-L6 LoRA r16" in names and "MiniLM-L6 full (teacher)" in names:
         lo = rows[names.index("MiniLM-L6 LoRA r16")]
         t = rows[names.index("MiniLM-L6 full (teacher)")]

@@ -274,7 +274,10 @@ def _cmd_data(a: argparse.Namespace) -> None:
     from tunesmith.tasks import get_task
 
     cfg = load_config(a.config, a.overrides)
-    print(preview(cfg, get_task(cfg.task).records, ensure_model(cfg.model.name), a.examples))
+    task = get_task(cfg.task)
+    if task.prepare is not None:  # settings that come from the data (a classifier's classes)
+        task.prepare(cfg)
+    print(preview(cfg, task.records, ensure_model(cfg.model.name), a.examples))
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
