@@ -194,3 +194,44 @@ def test_classify_on_a_decoder_reads_the_last_token(llama, tmp_path):
     result = run_training(classify_cfg(llama, data, out, "lora"))
     assert result.metrics["eval_accuracy"] >= 0.5
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "no", "1": "yes"}
+
+
+def test_predict_command_with_pairs_and_a_file(tiny_bert, sentiment, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "run"
+    run_training(classify_cfg(tiny_bert, sentiment, out, "full"))
+    assert (
+        main(["predict", str(out), "--text", "the film was very good", "--text-pair", "the plot"])
+        == 0
+    )
+    line = capsys.readouterr().out.strip()
+    label, probs, text = line.split("\t")
+    assert label in ("pos", "neg") and text == "the film was very good ||| the plot"
+    assert sum(float(p.split("=")[1]) for p in probs.split()) == pytest.approx(1, abs=2e-3)
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl", [{"text": "the story was awful"}, {"text": "great"}]
+    )
+    assert main(["predict", str(out), "--file", str(inputs)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["predict", str(out), "--text", "a", "--text-pair", "b", "--text-pair", "c"]) == 2
+
+
+def test_distilled_bert_student_from_a_classify_run(tiny_bert, sentiment, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_training(classify_cfg(tiny_bert, sentiment, teacher, "full"))
+    cfg = classify_cfg(tiny_bert, sentiment, tmp_path / "student", "full")
+    raw = cfg.to_dict()
+    raw["task"] = "distill_classify"
+    raw["distill_classify"] = {
+        "teacher": str(teacher),
+        "student": {"layers": [1]},
+        "weights": {"kl": 1.0, "hard": 0.5, "hidden": 0.5},
+    }
+    raw["data"]["labels"] = None
+    result = run_training(load_config(raw))
+    m = result.metrics
+    assert m["student_params"] < m["teacher_params"]
+    assert m["student_eval_accuracy"] >= 0.9 * m["teacher_eval_accuracy"]
+    assert "## Student and teacher (held out)" in (tmp_path / "student" / "report.md").read_text()
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 1

@@ -150,3 +150,27 @@ def test_causal_distillation_scores_supervised_tokens_only_and_ignores_padding_r
     assert metrics["kl"] == pytest.approx(kl_divergence(t, s, 2.0).sum().item(), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher never trains
+
+
+def test_a_teacher_of_another_vocabulary_stops_the_run(llama, tiny_models, tmp_path):
+    from conftest import write_jsonl
+
+    from tunesmith.config import load_config
+    from tunesmith.pipeline import setup_run
+
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(8)]
+    )
+    cfg = load_config(
+        {
+            "model": str(llama),
+            "task": "distill",
+            "method": "full",
+            "distill": {"teacher": str(tiny_models["qwen2"])},
+            "data": {"train": str(data), "eval": None},
+            "train": {"progress": False},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    with pytest.raises(TunesmithError, match="has another vocabulary"):
+        setup_run(cfg)
