@@ -192,7 +192,9 @@ def main() -> None:
             {
                 **common,
                 "method": {"name": "lora", "rank": 16, "alpha": 32},
-                "train": {**common["train"], "lr": 1e-3},
+                # LoRA moves 3% of the weights: a higher rate and twice the epochs (at lr 1e-3
+                # and the same epochs it reached 0.805 where full reached 0.975).
+                "train": {**common["train"], "lr": 2e-3, "epochs": 2 * a.epochs},
             },
         ),  # fmt: skip
     }
@@ -233,7 +235,7 @@ def main() -> None:
                 r["total_params"],
                 r["trainable_params"],
                 r["eval_accuracy"],
-                r["eval_macro_f1"],
+                r.get("eval_macro_f1", r.get("student_eval_macro_f1")),
                 speed,
             )
         )

@@ -186,6 +186,7 @@ def compare_with_teacher(ctx: Context) -> tuple[dict[str, Any], str]:
         )
     metrics = {f"teacher_{k}": v for k, v in rows["teacher"].items()}
     metrics.update({f"student_{k}": v for k, v in rows["student"].items()})
+    metrics.update({k: v for k, v in rows["student"].items() if k.startswith(("eval_", "exact"))})
     extra = ""
     if not tokens:
         _, extra = classification_report(ctx)
