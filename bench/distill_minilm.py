@@ -134,8 +134,11 @@ def keyword_baseline(train: Path, held: Path) -> float:
     return sum(p == r["label"] for p, r in zip(pred, ev)) / len(ev)
 
 
-def throughput(path: Path, texts: list[str], batch: int = 64, repeats: int = 3) -> float:
-    """Examples/s of a saved classifier's forward on this machine (best of ``repeats``)."""
+def throughput(
+    path: Path, texts: list[str], batch: int = 64, repeats: int = 3
+) -> tuple[float, int]:
+    """(examples/s of a saved classifier's forward on this machine (best of ``repeats``), its
+    parameter count)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -153,7 +156,7 @@ def throughput(path: Path, texts: list[str], batch: int = 64, repeats: int = 3) 
             for enc in encoded:
                 model(**enc)
             best = min(best, time.perf_counter() - t0)
-    return len(texts) / best
+    return len(texts) / best, sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -228,11 +231,11 @@ def main() -> None:
     texts = [json.loads(x)["text"] for x in held.read_text().splitlines()]
     rows = []
     for name, r in results.items():
-        speed = throughput(r["dir"], texts)
+        speed, params = throughput(r["dir"], texts)
         rows.append(
             (
                 name,
-                r["total_params"],
+                params,  # of the saved model (LoRA merged in)
                 r["trainable_params"],
                 r["eval_accuracy"],
                 r.get("eval_macro_f1", r.get("student_eval_macro_f1")),
