@@ -1,4 +1,4 @@
-"""``python -m tunesmith`` runs the command line."""
+"""``python -m tunesmith ...`` runs the command-line interface (same as the ``tunesmith`` script)."""
 
 import sys
 
