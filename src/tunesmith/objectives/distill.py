@@ -94,7 +94,8 @@ class DistillWeights:
 @dataclass
 class DistillConfig:
     teacher: str | None = None
-    """The teacher: a model folder, a hub id, or a tunesmith run folder (of the same tokenizer)."""
+    """The teacher: a model folder, a hub id, or a tunesmith run folder (of the same tokenizer);
+    null with ``student`` set: ``model`` is the teacher and the student is built from it."""
     temperature: float = 2.0
     """Softmax temperature T of the soft targets (the soft losses are scaled by T^2)."""
     jsd_beta: float = 0.5

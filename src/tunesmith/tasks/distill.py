@@ -63,8 +63,13 @@ def prepare(cfg: Config) -> None:
     from tunesmith.student import build_student
 
     s = section(cfg)
-    if not s.teacher:
-        raise ConfigError(f"{cfg.task}.teacher: give the teacher (a model folder or a run folder).")
+    if not s.teacher:  # distil ``model`` itself into a student built from its layers
+        if s.student is None:
+            raise ConfigError(
+                f"{cfg.task}.teacher: give the teacher (a model folder or a run folder), or set "
+                f"{cfg.task}.student to distil `model` into a student built from its layers."
+            )
+        s.teacher = cfg.model.name  # saved in config.yaml: a resumed run finds the same teacher
     teacher_path = resolve_model_path(s.teacher)
     if not token_level(cfg):
         labels = teacher_labels(teacher_path)
