@@ -130,3 +130,74 @@ def micro(tmp_path_factory) -> str:
 
     os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return str(ensure_builtin_model("micro"))
+
+
+BERT_WORDS = [
+    "the",
+    "a",
+    "film",
+    "movie",
+    "plot",
+    "acting",
+    "was",
+    "is",
+    "very",
+    "quite",
+    "not",
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "dull",
+    "and",
+    "but",
+    "story",
+]
+
+
+def bert_tokenizer():
+    """A WordPiece tokenizer over a small word list ([CLS] a [SEP] b [SEP] pair layout)."""
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + BERT_WORDS)})
+
+
+def save_tiny_bert(path: Path, layers: int = 2, head: str = "mlm") -> Path:
+    """A random BERT (hidden 32) saved as a masked LM (no pooler: like many checkpoints) or as
+    a bare encoder. initializer_range 0.2 so a frozen random encoder still tells words apart."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tok = bert_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config) if head == "mlm" else BertModel(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("bert") / "bert")
+
+
+def sentiment_rows(n: int = 160, seed: int = 0) -> list[dict]:
+    """Labelled sentences whose class is carried by one word (learnable in a few steps)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        word = rng.choice(["good", "great", "fine"] if pos else ["bad", "awful", "dull"])
+        thing = rng.choice(["film", "movie", "plot", "story"])
+        rows.append({"text": f"the {thing} was very {word}", "label": "pos" if pos else "neg"})
+    return rows

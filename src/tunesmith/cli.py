@@ -23,6 +23,8 @@ EPILOG = """examples:
   tunesmith train configs/dpo_lora.yaml model.name=runs/quickstart
   tunesmith compare configs/sft_lora.yaml --methods full,lora,prefix output_dir=runs/bakeoff
   tunesmith generate builtin:tiny --adapter a=runs/sft-lora --adapter b=runs/x --use all --prompt "What is 3 plus 4?"
+  tunesmith predict runs/classify --text "a gripping, well acted film"
+  tunesmith student runs/classify --layers 0,2,4 --out students/s3
   tunesmith score runs/reward-full --prompt "What is 2 plus 3?" --response 5 --response 6
   tunesmith feedback runs/quickstart --prompts builtin:arith:eval --out prefs.jsonl
 """
@@ -150,6 +152,29 @@ def _parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="do not wrap prompt and response in the chat template"
     )
 
+    pr = sub.add_parser(
+        "predict",
+        help="class labels and probabilities from a classifier run",
+        description="Print the label and class probabilities a classifier (a task: classify run) gives each input.",
+    )
+    pr.add_argument("model", help="classify run folder or sequence-classification model folder")
+    pr.add_argument("--text", action="append", help="an input text (repeat for several)")
+    pr.add_argument(
+        "--text-pair", action="append", help="the second text of a pair, one per --text"
+    )
+    pr.add_argument(
+        "--file", help="inputs: .jsonl with 'text' (+ 'text_pair'), or one text per line"
+    )
+
+    st = sub.add_parser(
+        "student",
+        help="build a smaller student from a teacher's layers (DistilBERT's initialisation)",
+        description="Write a student model that keeps some of the teacher's layers (default every other one), with its embeddings, head and tokenizer.",
+    )
+    st.add_argument("teacher", help="teacher model folder (or a run folder of a whole model)")
+    st.add_argument("--layers", help="teacher layers to keep, e.g. 0,2,4 (default every other one)")
+    st.add_argument("--out", required=True, help="folder for the student")
+
     m = sub.add_parser(
         "merge",
         help="fold a LoRA run into its base model",
@@ -251,7 +276,10 @@ def _cmd_data(a: argparse.Namespace) -> None:
     from tunesmith.tasks import get_task
 
     cfg = load_config(a.config, a.overrides)
-    print(preview(cfg, get_task(cfg.task).records, ensure_model(cfg.model.name), a.examples))
+    task = get_task(cfg.task)
+    if task.prepare is not None:  # settings that come from the data (a classifier's classes)
+        task.prepare(cfg)
+    print(preview(cfg, task.records, ensure_model(cfg.model.name), a.examples))
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
@@ -330,6 +358,41 @@ def _cmd_score(a: argparse.Namespace) -> None:
         print(f"{reward:+.4f}  {response}")
 
 
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from tunesmith.predict import predict, read_inputs
+
+    if bool(a.text) == bool(a.file):
+        raise TunesmithError("predict: give --text (repeatable) or --file, not both.")
+    if a.file:
+        inputs = read_inputs(a.file)
+    else:
+        pairs = a.text_pair or []
+        if pairs and len(pairs) != len(a.text):
+            raise TunesmithError(
+                f"predict: {len(a.text)} --text but {len(pairs)} --text-pair; give one pair per text."
+            )
+        inputs = list(zip(a.text, pairs or [None] * len(a.text)))
+    for p in predict(a.model, inputs):
+        probs = "  ".join(f"{k}={v:.3f}" for k, v in p.probabilities.items())
+        shown = p.text if p.text_pair is None else f"{p.text} ||| {p.text_pair}"
+        print(f"{p.label}\t{probs}\t{shown}")
+
+
+def _cmd_student(a: argparse.Namespace) -> None:
+    from tunesmith.student import build_student
+
+    layers = None
+    if a.layers:
+        try:
+            layers = [int(x) for x in a.layers.split(",")]
+        except ValueError:
+            raise TunesmithError(
+                f"--layers: got {a.layers!r}; give comma-separated layer indices like 0,2,4."
+            ) from None
+    out = build_student(a.teacher, a.out, layers)
+    print(f"student written to {out}")
+
+
 def _cmd_merge(a: argparse.Namespace) -> None:
     from tunesmith.merge import merge_run
 
@@ -390,6 +453,8 @@ COMMANDS = {
     "eval": _cmd_eval,
     "compare": _cmd_compare,
     "score": _cmd_score,
+    "predict": _cmd_predict,
+    "student": _cmd_student,
     "merge": _cmd_merge,
     "quickstart": _cmd_quickstart,
     "feedback": _cmd_feedback,

@@ -48,7 +48,7 @@ class DataConfig:
     eval: float | str | None = 0.05
     """Held-out split: a fraction of ``train`` (0 < f < 1), a file, or null for none."""
     format: Literal[
-        "auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt", "preference"
+        "auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt", "preference", "labeled"
     ] = "auto"
     """Record format. ``auto`` picks it from the fields of the first record and says what it chose.
     ``sharegpt`` (``conversations`` of ``from``/``value`` turns) loads as ``chat``."""
@@ -74,6 +74,9 @@ class DataConfig:
     """Split to read when ``train`` is a hub dataset."""
     max_examples: int | None = None
     """Use at most this many training examples (after the eval split); null for all."""
+    labels: list[str] | None = None
+    """Class names in id order, for labelled text (``text`` + ``label``); null takes them from
+    the training data (sorted names, or ``0..K-1`` when the labels are integer ids)."""
 
 
 @dataclass

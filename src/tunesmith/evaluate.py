@@ -18,6 +18,7 @@ from tunesmith.data.dataset import prepare_data
 from tunesmith.data.provenance import changed_data
 from tunesmith.errors import TunesmithError
 from tunesmith.models import (
+    head_kwargs,
     is_run_dir,
     load_for_inference,
     load_model,
@@ -78,7 +79,9 @@ def evaluate_target(
         device,
         data,
         training=False,
-        starting_model=lambda: load_model(cfg.model, device, head=task.head),
+        starting_model=lambda: load_model(
+            cfg.model, device, head=task.head, extra=head_kwargs(cfg, task.head)
+        ),
     )
     batches = held_out(ctx)
     out: dict[str, Any] = {

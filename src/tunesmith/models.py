@@ -4,6 +4,7 @@ and load finished runs back for generation, evaluation and merging."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,20 @@ class Head:
     alone loads it."""
     peft_task_type: str = "CAUSAL_LM"
     """The task type PEFT artifacts of this head declare."""
+    from_config: Callable[[Config], dict[str, Any]] | None = None
+    """``from_pretrained`` arguments that depend on the run's config (a classifier's classes)."""
+
+
+def class_kwargs(cfg: Config) -> dict[str, Any]:
+    """A classifier's width and class names, from ``data.labels`` (saved in the model config)."""
+    labels = cfg.data.labels
+    if not labels:
+        raise TunesmithError("data.labels: no classes; list them or give labelled training data.")
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
 HEADS: dict[str, Head] = {
@@ -50,7 +65,23 @@ HEADS: dict[str, Head] = {
         saved_whole=True,
         peft_task_type="SEQ_CLS",
     ),
+    # K class logits: BERT-like encoders read their pooled [CLS] state, decoders the last
+    # non-padding token. A checkpoint's own classifier of another width is replaced.
+    "classifier": Head(
+        "AutoModelForSequenceClassification",
+        {"ignore_mismatched_sizes": True, "problem_type": "single_label_classification"},
+        new_modules=("score", "classifier"),
+        saved_whole=True,
+        peft_task_type="SEQ_CLS",
+        from_config=class_kwargs,
+    ),
 }
+
+
+def head_kwargs(cfg: Config, head: str) -> dict[str, Any]:
+    """The config-dependent ``from_pretrained`` arguments of ``head`` for the run ``cfg``."""
+    spec = HEADS[head]
+    return spec.from_config(cfg) if spec.from_config is not None else {}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -121,9 +152,14 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
 
 
 def load_model(
-    mcfg: ModelConfig, device: torch.device, path: str | None = None, head: str = "lm"
+    mcfg: ModelConfig,
+    device: torch.device,
+    path: str | None = None,
+    head: str = "lm",
+    extra: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The model with the task's head (a name in ``HEADS``), from safetensors, on ``device``."""
+    """The model with the task's head (a name in ``HEADS``), from safetensors, on ``device``;
+    ``extra`` adds ``from_pretrained`` arguments (``head_kwargs``: a classifier's classes)."""
     import transformers
 
     spec = HEADS[head]
@@ -137,15 +173,33 @@ def load_model(
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
     kwargs.update(spec.load_kwargs)
+    kwargs.update(extra or {})
     auto = getattr(transformers, spec.auto_class)
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
     for name in spec.new_modules:  # methods never wrap a task head: it trains whole
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True
+    model.tunesmith_fresh = new_module_names(model, info)  # initialised here, not loaded
+    if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
+        for name in model.tunesmith_fresh:
+            model.get_submodule(name).tunesmith_head = True
     return model.to(device)
+
+
+def new_module_names(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    """Modules whose every parameter was freshly initialised by ``from_pretrained`` (missing
+    from the checkpoint, or replaced for a size mismatch)."""
+    fresh = set(info.get("missing_keys", ()))
+    fresh |= {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    out = []
+    for name, module in model.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if params and all(p in fresh for p in params):
+            out.append(name)
+    return out
 
 
 def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn.Module:
@@ -159,9 +213,9 @@ def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn
         model.config.pad_token_id = tokenizer.pad_token_id
     method.task_type = spec.peft_task_type
     model = method.apply(model)
-    for name in spec.new_modules:
-        if hasattr(model, name):
-            getattr(model, name).requires_grad_(True)
+    for module in model.modules():
+        if getattr(module, "tunesmith_head", False):
+            module.requires_grad_(True)
     return model
 
 
@@ -185,10 +239,11 @@ def load_for_inference(
         run = json.loads((Path(path_or_name) / "run.json").read_text())
         tok = load_tokenizer(cfg.model, path_or_name)
         head = run.get("head", "lm")
+        extra = head_kwargs(cfg, head)
         if run["artifact"] == "model":
-            model = load_model(cfg.model, device, path_or_name, head=head)
+            model = load_model(cfg.model, device, path_or_name, head=head, extra=extra)
         else:  # the base (with a fresh task head, if any) + the method and its saved weights
-            model = load_model(cfg.model, device, head=head)
+            model = load_model(cfg.model, device, head=head, extra=extra)
             method = build_method(cfg.method)
             model = apply_method(model, method, head, tok)
             method.load(path_or_name)

@@ -28,6 +28,7 @@ from tunesmith.methods import Method, build_method
 from tunesmith.models import (
     HEADS,
     apply_method,
+    head_kwargs,
     load_model,
     load_tokenizer,
     pick_device,
@@ -174,7 +175,7 @@ def setup_model(
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, base_path)
     torch.manual_seed(cfg.train.seed)  # new parameters (LoRA A, heads) start the same every run
-    model = load_model(cfg.model, device, base_path, head)
+    model = load_model(cfg.model, device, base_path, head, head_kwargs(cfg, head))
     method = build_method(cfg.method)
     return apply_method(model, method, head, tokenizer), tokenizer, method, base_path
 
@@ -188,6 +189,8 @@ def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
 def setup_run(cfg: Config, resume: bool = False) -> Run:
     """Everything the loop needs, built from the task's declaration."""
     task = get_task(cfg.task)
+    if task.prepare is not None:
+        task.prepare(cfg)
     out, start = prepare_output_dir(cfg, resume)
     device = pick_device(cfg.train.device)
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
@@ -202,7 +205,9 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         device,
         data,
         training=True,
-        starting_model=lambda: load_model(cfg.model, device, base_path, task.head),
+        starting_model=lambda: load_model(
+            cfg.model, device, base_path, task.head, head_kwargs(cfg, task.head)
+        ),
         out=out,
     )
     trainable, total = parameter_counts(model, method)
@@ -270,9 +275,13 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
             f"final weights: {bad} holds NaN/inf, so the run was not saved"
             f"{f'; the last good checkpoint {last} is intact' if last else ''}; {ADVICE}."
         )
+    section = ""
+    if task.report is not None and ctx.data.eval:
+        metrics, section = task.report(ctx)
+        info.update(metrics)
     try:
         save_artifacts(ctx, task, run.base_path, info)
-        write_report(ctx.out, ctx.cfg, info, result.history)
+        write_report(ctx.out, ctx.cfg, info, result.history, section)
     except (OSError, SafetensorError) as e:
         last = latest_complete_name(ctx.out / "checkpoints")
         kept = (
@@ -302,6 +311,8 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
     """
     out, method = ctx.out, ctx.method
     if HEADS[task.head].saved_whole and method.mergeable:
+        if method.artifact == "adapter":  # the PEFT layout too (task type, head alongside)
+            method.save(out / "adapter", base_path)
         method.merge().save_pretrained(out, safe_serialization=True)
         artifact = "model"
     else:

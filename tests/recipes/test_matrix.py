@@ -15,7 +15,7 @@ from tunesmith.config import load_config
 from tunesmith.evaluate import evaluate_target
 from tunesmith.methods import method_names
 from tunesmith.methods.base import canonical
-from tunesmith.pipeline import finish_run, setup_run
+from tunesmith.pipeline import finish_run, run_training, setup_run
 from tunesmith.tasks import TASKS
 from tunesmith.training.loop import LOOPS
 
@@ -26,7 +26,42 @@ DATA = {  # record kind -> rows to train (and evaluate) on
         {"prompt": f"Q: {a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}
         for a, b in QUESTIONS
     ],
+    # The class is a property of the sum, which the last token (a decoder's summary) predicts.
+    "labeled": [
+        {"text": f"Q: {a}+{b}=", "label": "low" if a + b < 3 else "high"} for a, b in QUESTIONS
+    ],
 }
+
+
+@pytest.fixture(scope="module")
+def classifier(micro, tmp_path_factory):
+    """A classifier trained from micro: the teacher of distill_classify."""
+    root = tmp_path_factory.mktemp("teacher")
+    data = write_jsonl(root / "data.jsonl", DATA["labeled"])
+    run_training(
+        load_config(
+            {
+                "model": micro,
+                "task": "classify",
+                "method": "full",
+                "data": {"train": str(data), "eval": None, "max_length": 32},
+                "train": {"max_steps": 16, "batch_size": 8, "lr": 3e-3, "progress": False},
+                "output_dir": str(root / "run"),
+            }
+        )
+    )
+    return str(root / "run")
+
+
+def task_settings(task, micro, classifier):
+    """Task sections a task needs to run at all (a distillation's teacher), by task name: the
+    students keep 1 of the teacher's 2 layers."""
+    return {
+        "distill": {"distill": {"teacher": micro, "student": {"layers": [0]}}},
+        "distill_classify": {
+            "distill_classify": {"teacher": classifier, "student": {"layers": [0]}}
+        },
+    }.get(task, {})
 
 
 @pytest.fixture
@@ -36,7 +71,7 @@ def cache(micro, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("task", list(TASKS))
-def test_task_with_method(cache, micro, tmp_path, task, method):
+def test_task_with_method(cache, micro, tmp_path, task, method, request):
     spec = TASKS[task]
     data = write_jsonl(tmp_path / "data.jsonl", DATA[spec.records.name])
     out = tmp_path / "run"
@@ -54,6 +89,11 @@ def test_task_with_method(cache, micro, tmp_path, task, method):
                 "progress": False,
             },
             "output_dir": str(out),
+            **task_settings(
+                task,
+                micro,
+                request.getfixturevalue("classifier") if task == "distill_classify" else None,
+            ),
         }
     )
     run = setup_run(cfg)

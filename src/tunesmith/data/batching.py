@@ -66,6 +66,7 @@ class Batch:
     n_tokens: int  # real (non-pad) tokens
     packed: bool = False  # some row holds several examples
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_type_ids: torch.Tensor | None = None  # (B, T) segment ids of text pairs (BERT), if any
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,7 @@ class Batch:
             self.n_tokens,
             self.packed,
             {k: move(v) for k, v in self.extras.items()},
+            None if self.token_type_ids is None else move(self.token_type_ids),
         )
 
     @property
@@ -99,6 +101,8 @@ class Batch:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
         if not self.packed:
             inputs["attention_mask"] = self.attention_mask
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
         return inputs
 
 
@@ -109,6 +113,9 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
+    types = None
+    if all(examples[i].token_types is not None for row in rows for i in row):
+        types = np.zeros((len(rows), width), dtype=np.int64)
     n_tokens = 0
     for b, row in enumerate(rows):
         t = 0
@@ -118,6 +125,8 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
             ids[b, t : t + n] = ex.input_ids
             labels[b, t : t + n] = ex.labels
             pos[b, t : t + n] = np.arange(n)
+            if types is not None:
+                types[b, t : t + n] = ex.token_types
             t += n
         mask[b, :t] = 1
         n_tokens += t
@@ -136,6 +145,7 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
         n_tokens,
         packed=any(len(row) > 1 for row in rows),
         extras=extras,
+        token_type_ids=None if types is None else torch.from_numpy(types),
     )
 
 

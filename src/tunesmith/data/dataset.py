@@ -14,6 +14,7 @@ from tunesmith.data.formats import (
     LOADS_AS,
     detect_format,
     empty_completion,
+    fitting_formats,
     render,
     render_pair,
     resolve_template,
@@ -240,7 +241,8 @@ def prepare_data(
         train_records = train_records[: cfg.max_examples]
     fmt = cfg.format
     if fmt == "auto":
-        fmt = detect_format(train_records[0])
+        fits = [f for f in fitting_formats(train_records[0].fields) if f in kind.formats]
+        fmt = fits[0] if fits else detect_format(train_records[0])
         loaded = f" (loaded as {LOADS_AS[fmt]})" if fmt in LOADS_AS else ""
         notes.append(
             f"format: auto chose '{fmt}'{loaded} from the fields {sorted(train_records[0].fields)}"
@@ -255,10 +257,11 @@ def prepare_data(
     train_records = convert_records(train_records, fmt, cfg.skip_bad_rows, pre)
     eval_records = convert_records(eval_records, fmt, True)
     fmt = LOADS_AS.get(fmt, fmt)
-    train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
+    encode = kind.encode or tokenize_records  # a kind may encode its records itself
+    train, stats = encode(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad += pre.skipped_bad
     stats.first_bad = pre.first_bad or stats.first_bad
-    evals, eval_stats = tokenize_records(eval_records, fmt, cfg, tokenizer, template, True)
+    evals, eval_stats = encode(eval_records, fmt, cfg, tokenizer, template, True)
     if stats.skipped_bad:
         notes.append(f"skipped {stats.skipped_bad} malformed rows (first: {stats.first_bad})")
     if eval_stats.skipped_bad:
@@ -267,8 +270,9 @@ def prepare_data(
         )
     if not train:
         raise DataError(f"{cfg.train}: no usable examples: {_why_none(stats, cfg)}.")
-    preflight(train, tokenizer, cfg, cfg.train)
-    check_padding(train, tokenizer, cfg.train)
+    if kind.token_targets:
+        preflight(train, tokenizer, cfg, cfg.train)
+        check_padding(train, tokenizer, cfg.train)
     if stats.truncated:
         verb = "dropped" if cfg.truncation == "drop" else "truncated"
         notes.append(

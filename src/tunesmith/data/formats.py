@@ -14,6 +14,8 @@ Formats (``format: auto`` picks by fields):
 - ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; the completion and EOS are supervised.
 - ``alpaca``: ``{"instruction", "input" (optional), "output"}`` in the Alpaca prompt layout.
 - ``text``: ``{"text": ...}``; everything is supervised (plain language modelling).
+- ``labeled``: ``{"text", "text_pair" (optional), "label"}`` for sequence classification; encoded
+  by ``tunesmith.data.labeled`` (the tokenizer's own pair layout), not rendered into segments.
 - ``preference``: ``{"prompt", "chosen", "rejected"}`` (strings, or lists of chat messages), or the
   implicit form where ``chosen`` and ``rejected`` are whole conversations sharing a prefix. It
   renders into two examples whose responses (with their end token) are scored; the prompt is not.
@@ -63,9 +65,10 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    "labeled": ("text", "label"),
 }
 # Checked in this order by format: auto.
-DETECT_ORDER = ("preference", "chat", "sharegpt", "prompt_completion", "alpaca", "text")
+DETECT_ORDER = ("preference", "chat", "sharegpt", "prompt_completion", "alpaca", "labeled", "text")
 
 # ShareGPT speaker names (``from``) and the chat role each becomes.
 SHAREGPT_ROLES = {

@@ -18,7 +18,7 @@ from typing import Any
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass
@@ -221,6 +221,7 @@ _READERS = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,
+    ".tsv": _read_csv,  # the separator is read from the header line (tabs here)
     ".parquet": _read_parquet,
 }
 

@@ -8,7 +8,9 @@ all first sides, then all second sides, so a pair goes through the model in one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,12 @@ class RecordKind:
     """What the task trains on, for error messages."""
     packable: bool = True
     """Whether several records may share a row (never for groups of rows compared together)."""
+    encode: Callable[..., Any] | None = None
+    """Tokenises records of this kind itself, ``(records, fmt, data_cfg, tokenizer, template,
+    skip_bad) -> (examples, stats)``, instead of rendering segments with token targets (labelled
+    text: the tokenizer's pair layout, a class id per record)."""
+    token_targets: bool = True
+    """Whether examples carry next-token targets (and the end-of-sequence pre-flight applies)."""
 
     @property
     def group(self) -> int:
@@ -42,4 +50,21 @@ PAIRS = RecordKind(
     unit="pairs",
     describe="preference pairs (prompt, chosen, rejected)",
     packable=False,
+)
+
+
+def _encode_labeled(*args: Any, **kwargs: Any) -> Any:
+    from tunesmith.data.labeled import encode_labeled
+
+    return encode_labeled(*args, **kwargs)
+
+
+LABELED = RecordKind(
+    "labeled",
+    ("labeled",),
+    unit="labelled texts",
+    describe="labelled text ('text', optional 'text_pair', 'label')",
+    packable=False,
+    encode=_encode_labeled,
+    token_targets=False,
 )

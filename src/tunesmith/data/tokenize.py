@@ -27,6 +27,8 @@ class Example:
     extras: dict[str, float | int] = field(default_factory=dict)
     """Per-example values a task attaches (a cached reference log-prob, a class label, ...);
     collated into ``Batch.extras`` for one-example rows."""
+    token_types: np.ndarray | None = None
+    """(L,) segment ids of a text pair (BERT's token_type_ids), when the tokenizer makes them."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -95,21 +95,41 @@ class WithAdapter(nn.Module):
         return self.adapter(out)
 
 
-def _find_sublayers(model: nn.Module, placement: str) -> list[str]:
-    """Names of the attention / feed-forward blocks of every decoder layer."""
+def _has(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _layer_sublayers(layer: nn.Module, placement: str) -> list[str]:
+    """The sublayers of one transformer layer whose output an adapter follows.
+
+    Pre-norm decoders (Llama, Qwen, ...) and DistilBERT return each block's output before the
+    residual addition, so the adapter follows the block itself (``self_attn``, ``mlp``). BERT's
+    post-norm layers end each block with ``dense -> dropout -> LayerNorm(h + x)``, so the adapter
+    follows the projections ``attention.output.dense`` and ``output.dense``: between the
+    sublayer and its residual addition, where Houlsby et al. put it."""
+    if _has(layer, "output.dense") and _has(layer, "intermediate"):  # BERT, RoBERTa, MiniLM
+        post = ["output.dense"]
+        if placement == "houlsby":
+            post.insert(0, "attention.output.dense")
+        return [p for p in post if _has(layer, p)]
     leaves = FEED_FORWARD if placement == "pfeiffer" else FEED_FORWARD + ATTENTION
+    return [leaf for leaf in leaves if isinstance(getattr(layer, leaf, None), nn.Module)]
+
+
+def _find_sublayers(model: nn.Module, placement: str) -> list[str]:
+    """Names of the feed-forward / attention sublayers of every transformer layer."""
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
             for i, layer in enumerate(module):
-                names += [
-                    f"{name}.{i}.{leaf}"
-                    for leaf in leaves
-                    if isinstance(getattr(layer, leaf, None), nn.Module)
-                ]
+                names += [f"{name}.{i}.{p}" for p in _layer_sublayers(layer, placement)]
     if not names:
         raise ConfigError(
-            "method: found no decoder layers with attention / mlp blocks to put adapters after."
+            "method: found no transformer layers with attention / feed-forward blocks to put adapters after."
         )
     return names
 

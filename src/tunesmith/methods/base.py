@@ -122,6 +122,12 @@ def owned_by_methods(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if getattr(m, "tunesmith_owned", False)]
 
 
+def head_modules(model: nn.Module) -> list[str] | None:
+    """Names of the task-head modules that train whole (PEFT's ``modules_to_save``), or None."""
+    names = [n for n, m in model.named_modules() if getattr(m, "tunesmith_head", False)]
+    return [canonical(n) for n in names] or None
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` (dotted path) was: injection by name."""
     parent, _, child = name.rpartition(".")

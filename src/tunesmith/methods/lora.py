@@ -33,6 +33,7 @@ from tunesmith.methods.base import (
     MethodBase,
     canonical,
     freeze,
+    head_modules,
     owned_by_methods,
     register,
     replace_module,
@@ -192,7 +193,7 @@ class LoRA(MethodBase):
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": head_modules(self.model),
         }
 
     def save(self, directory: str | Path, base_model: str) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import MethodBase, freeze, register
+from tunesmith.methods.base import MethodBase, freeze, head_modules, register
 from tunesmith.methods.virtual_tokens import (
     BackboneHooks,
     attach,
@@ -156,10 +156,14 @@ class Prefix(MethodBase):
         device = next(model.parameters()).device
         if self.config.init == "random":
             return torch.randn(n, layers * 2 * kv_heads * head_dim, device=device)
+        from transformers import DynamicCache
+
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, n), device=device)
+        # A cache handed in is filled by decoders and encoders alike (BERT ignores use_cache).
+        cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            cache = getattr(backbone(input_ids=ids, use_cache=True), self.cache_key)
+            backbone(input_ids=ids, use_cache=True, **{self.cache_key: cache})
         parts = []
         for layer in range(layers):
             k, v = cache.layers[layer].keys, cache.layers[layer].values  # (1, H, n, D)
@@ -203,7 +207,7 @@ class Prefix(MethodBase):
             "encoder_hidden_size": self.config.projection_hidden or kv_heads * head_dim,
             "prefix_projection": False,  # folded: the file holds P itself
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": head_modules(self.model),
         }
 
     def save(self, directory: str | Path, base_model: str) -> None:

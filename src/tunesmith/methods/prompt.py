@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import MethodBase, freeze, register
+from tunesmith.methods.base import MethodBase, freeze, head_modules, register
 from tunesmith.methods.virtual_tokens import (
     BackboneHooks,
     attach,
@@ -146,7 +146,7 @@ class Prompt(MethodBase):
             "prompt_tuning_init_text": self.config.init_text,
             "tokenizer_name_or_path": base_model,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": head_modules(self.model),
         }
 
     def save(self, directory: str | Path, base_model: str) -> None:

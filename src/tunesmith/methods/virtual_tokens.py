@@ -18,7 +18,8 @@ methods refuse packing (``packing_ok = False``; ``data.packing: auto`` turns it 
 
 Artifacts use PEFT's prompt-learning layout: ``adapter_config.json`` and
 ``adapter_model.safetensors`` holding ``prompt_embeddings`` (n, dim); a trained task head, if any,
-is stored beside it as ``base_model.model.<head>.weight``.
+is stored beside it as ``base_model.<head>.weight`` (PEFT's key for ``modules_to_save`` of a
+prompt-learning model, whose ``base_model`` is the transformers model itself).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import toggled
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -75,7 +76,7 @@ def batch_size(kwargs: dict[str, Any]) -> int:
 
 
 def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
-    """Make room for n virtual tokens in a given attention mask and position ids.
+    """Make room for n virtual tokens in a given attention mask, position ids and token types.
 
     The mask always covers the virtual tokens (they are in the cache or in the input); positions
     move up by n, and when the virtual tokens are part of this call's input (``prepend``) they
@@ -85,6 +86,10 @@ def shift_positions(kwargs: dict[str, Any], n: int, prepend: bool) -> None:
     if mask is not None and mask.dim() == 2:
         ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
         kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)  # (B, n + T)
+    types = kwargs.get("token_type_ids")
+    if types is not None and prepend:  # virtual tokens belong to the first segment (PEFT's rule)
+        zeros = torch.zeros(types.shape[0], n, dtype=types.dtype, device=types.device)
+        kwargs["token_type_ids"] = torch.cat([zeros, types], dim=1)  # (B, n + T)
     pos = kwargs.get("position_ids")
     if pos is not None:
         shifted = pos + n
@@ -180,7 +185,8 @@ def load_prompt_learning(
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
-            name = key.removeprefix(PEFT_PREFIX)
+            # Older tunesmith artifacts used "base_model.model." (the LoRA-model layout).
+            name = key.removeprefix(PEFT_PREFIX + "model.").removeprefix(PEFT_PREFIX)
             if name not in params:
                 raise TunesmithError(f"{path}: {key} fits no parameter of this model.")
             params[name].copy_(value)

@@ -118,6 +118,12 @@ class Task:
     """Whether the untrained starting model can be scored too (a baseline row in comparisons)."""
     rising: tuple[str, ...] = ()
     """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
+    prepare: Callable[[Config], None] | None = None
+    """Fills settings that come from the data before anything is saved or loaded (classify: the
+    class list, which sizes the head); None for none."""
+    report: Callable[[Context], tuple[dict[str, Any], str]] | None = None
+    """After training: held-out metrics over the whole split and a Markdown section for
+    ``report.md`` (classify: macro-F1 and the confusion matrix); None for none."""
 
 
 TASKS: dict[str, Task] = {}
