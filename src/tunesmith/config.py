@@ -46,7 +46,9 @@ class DataConfig:
     """Training data: a .jsonl/.json/.csv/.parquet file, a hub dataset name, or ``builtin:NAME``."""
     eval: float | str | None = 0.05
     """Held-out split: a fraction of ``train`` (0 < f < 1), a file, or null for none."""
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = "auto"
+    format: Literal[
+        "auto", "text", "prompt_completion", "alpaca", "chat", "preference", "prompt"
+    ] = "auto"
     """Record format. ``auto`` picks it from the fields of the first record and says what it chose."""
     template: str | None = None
     """Chat template: null uses the tokenizer's own; ``chatml`` a built-in one; or a .jinja file."""

@@ -32,7 +32,7 @@ from tunesmith.models import (
 )
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
-from tunesmith.tasks.base import held_out
+from tunesmith.tasks.base import record_counts
 from tunesmith.training.checkpoint import list_checkpoints
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
 
@@ -139,10 +139,11 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         out=out,
     )
     trainable, total = parameter_counts(model, method)
-    unit, group = task.records.unit, task.records.group
+    unit = task.records.unit
+    n_train, n_eval = record_counts(data, task.records)
     say(
         f"{cfg.task} with {cfg.method.name} on {cfg.model.name}: {trainable:,} of {total:,} parameters train "
-        f"({100 * trainable / total:.2f}%); {len(data.train) // group} train / {len(data.eval) // group} eval {unit}, "
+        f"({100 * trainable / total:.2f}%); {n_train} train / {n_eval} eval {unit}, "
         f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), device {device}"
     )
     wrapped = method.wrapped_modules()
@@ -150,7 +151,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
         say(f"{method.name} wraps {len(wrapped)} modules ({', '.join(kinds)})")
     objective = task.objective(ctx)
-    return Run(task, ctx, objective, task.source(ctx), held_out(ctx), base_path, trainable, total)
+    return Run(task, ctx, objective, task.source(ctx), task.evals(ctx), base_path, trainable, total)
 
 
 def run_training(cfg: Config, resume: bool = False) -> RunResult:
@@ -175,7 +176,7 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
         "peak_memory_mb": result.peak_memory_mb,
         "trainable_params": run.trainable,
         "total_params": run.total,
-        f"train_{task.records.unit}": len(ctx.data.train) // task.records.group,
+        f"train_{task.records.unit}": record_counts(ctx.data, task.records)[0],
         "truncated": ctx.data.stats.truncated,
     }
     if isinstance(run.source, Batches):

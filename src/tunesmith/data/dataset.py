@@ -186,6 +186,12 @@ def prepare_data(
             f"data.format: '{fmt}' does not fit this task, which trains on {kind.describe}."
         )
     template = resolve_template(cfg.template, tokenizer)
+    if not kind.tokenized:  # rows are produced while training (e.g. sampled responses)
+        if not train_records:
+            raise DataError(f"{cfg.train}: no records to train on.")
+        return PreparedData(
+            fmt, template, [], [], train_records, eval_records, TokenStats(), TokenStats(), notes
+        )
     train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad = report.skipped
     evals, eval_stats = tokenize_records(eval_records, fmt, cfg, tokenizer, template, True)

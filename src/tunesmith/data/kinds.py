@@ -24,6 +24,9 @@ class RecordKind:
     """What the task trains on, for error messages."""
     packable: bool = True
     """Whether several records may share a row (never for groups of rows compared together)."""
+    tokenized: bool = True
+    """Whether the pipeline tokenises records into training rows; False for kinds whose rows are
+    produced while training (prompts: the responses are sampled by the policy)."""
 
     @property
     def group(self) -> int:
@@ -42,4 +45,12 @@ PAIRS = RecordKind(
     unit="pairs",
     describe="preference pairs (prompt, chosen, rejected)",
     packable=False,
+)
+PROMPTS = RecordKind(
+    "prompts",
+    ("prompt", "chat", "prompt_completion", "alpaca", "preference"),
+    unit="prompts",
+    describe="prompts to answer (prompt-only, chat, prompt/completion, alpaca or preference rows)",
+    packable=False,
+    tokenized=False,
 )
