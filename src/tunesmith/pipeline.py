@@ -182,7 +182,7 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
     if isinstance(run.source, Batches):
         info["packing_efficiency"] = run.source.packing_efficiency()
     save_artifacts(ctx, task, run.base_path, info)
-    write_report(ctx.out, ctx.cfg, info, result.history)
+    write_report(ctx.out, ctx.cfg, info, result.history, series=task.report_series)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
     say(
         f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"

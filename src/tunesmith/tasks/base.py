@@ -129,6 +129,8 @@ class Task:
     """Held-out metrics a comparison of methods shows, besides the measurements of the run."""
     base_comparable: bool = False
     """Whether the untrained starting model can be scored too (a baseline row in comparisons)."""
+    report_series: tuple[str, ...] = ()
+    """Logged metrics the run report plots, one panel each, beside the loss curve."""
     rising: tuple[str, ...] = ()
     """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
 

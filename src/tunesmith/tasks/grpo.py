@@ -27,6 +27,7 @@ from tunesmith.objectives.ppo import RLBatch
 from tunesmith.objectives.rl import GROUP_ADVANTAGES
 from tunesmith.tasks.base import Task, register
 from tunesmith.tasks.rl_source import (
+    RL_SERIES,
     RLConfig,
     Scored,
     check_rl,
@@ -85,5 +86,6 @@ GRPO = register(
         compare_metrics=("eval_reward", "eval_exact_match"),
         base_comparable=True,
         rising=("eval_reward",),
+        report_series=RL_SERIES + (()),
     )
 )

@@ -27,6 +27,7 @@ from tunesmith.objectives.ppo import RLBatch
 from tunesmith.objectives.rl import gae, kl_controller, kl_penalised_rewards, whiten
 from tunesmith.tasks.base import Task, register
 from tunesmith.tasks.rl_source import (
+    RL_SERIES,
     RLConfig,
     Scored,
     check_rl,
@@ -119,5 +120,6 @@ PPO = register(
         compare_metrics=("eval_reward", "eval_exact_match"),
         base_comparable=True,
         rising=("eval_reward",),
+        report_series=RL_SERIES + (("kl_coef", "kl_penalty", "value_loss")),
     )
 )

@@ -45,6 +45,18 @@ from tunesmith.rewards import RewardSource, load_reward, missing_end_penalty
 from tunesmith.tasks.base import Context
 from tunesmith.training.rollout import response_logps, rollout
 
+RL_SERIES = (
+    "reward_mean",
+    "reward_std",
+    "eval_reward",
+    "eval_exact_match",
+    "kl_ref_seq",
+    "entropy",
+    "clip_frac",
+    "response_len",
+)
+"""What the run report plots for an RL task (``Task.report_series``)."""
+
 
 @dataclass
 class RLConfig:
