@@ -295,3 +295,15 @@ def test_a_bad_reward_stops_with_one_line(llama, prompts, rewards, tmp_path):
     c = rl_config(llama, prompts, tmp_path / "o", reward=f"{rewards}:broken")
     with pytest.raises(RewardError, match="reward rl_rewards:broken returned 1 values for 16"):
         tunesmith.train(c)
+
+
+def test_data_preview_shows_prompts(llama, prompts, tmp_path, capsys):
+    import yaml
+
+    from tunesmith.cli import main
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(rl_config(llama, prompts, tmp_path / "o")))
+    assert main(["data", "preview", str(cfg_path), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "27 train, 9 eval prompts" in out and "Q: " in out and "(reference answer: " in out

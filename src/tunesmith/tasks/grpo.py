@@ -79,7 +79,7 @@ GRPO = register(
         records=PROMPTS,
         head="lm",
         objective=rl_objective("grpo", kl_in_loss=True),
-        source=rl_source("grpo", True, GroupAdvantages),
+        source=rl_source("grpo", GroupAdvantages),
         evals=held_out_prompts("grpo"),
         section=GRPOConfig,
         check=check,

@@ -113,7 +113,7 @@ PPO = register(
         records=PROMPTS,
         head="value",
         objective=rl_objective("ppo", kl_in_loss=False),
-        source=rl_source("ppo", False, GAEAdvantages),
+        source=rl_source("ppo", GAEAdvantages),
         evals=held_out_prompts("ppo"),
         section=PPOConfig,
         check=check,

@@ -507,7 +507,7 @@ class RLObjective:
 # Factories for a task's declaration
 
 
-def _shared(ctx: Context, section: str, kl_in_loss: bool) -> dict[str, Any]:
+def _shared(ctx: Context, section: str) -> dict[str, Any]:
     """The reward, the reference and the value tap of a run, built once for objective and source."""
     if "rl" not in ctx.shared:
         s: RLConfig = getattr(ctx.cfg, section)
@@ -529,7 +529,7 @@ def rl_objective(section: str, kl_in_loss: bool) -> Callable[[Context], RLObject
 
     def build(ctx: Context) -> RLObjective:
         s: RLConfig = getattr(ctx.cfg, section)
-        parts = _shared(ctx, section, kl_in_loss)
+        parts = _shared(ctx, section)
         policy = None
         if ctx.training:
             policy = ClippedPolicyObjective(
@@ -548,13 +548,13 @@ def rl_objective(section: str, kl_in_loss: bool) -> Callable[[Context], RLObject
 
 
 def rl_source(
-    section: str, kl_in_loss: bool, advantages: Callable[[Any], Advantages]
+    section: str, advantages: Callable[[Any], Advantages]
 ) -> Callable[[Context], Rollouts]:
     """The batch-source factory of an RL task: rollouts of the current policy."""
 
     def build(ctx: Context) -> Rollouts:
         s: RLConfig = getattr(ctx.cfg, section)
-        parts = _shared(ctx, section, kl_in_loss)
+        parts = _shared(ctx, section)
         return Rollouts(ctx, s, parts["reward"], advantages(s), parts["reference"], parts["values"])
 
     return build
