@@ -82,6 +82,11 @@ def test_prompts_from_every_format():
     ]
     assert of({"messages": chat}) == chat[:3]  # the whole conversation up to the answer
     assert of({"messages": chat[:3]}) == chat[:3]  # ends on the user: all of it
+    sharegpt = [
+        {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+        for m in chat
+    ]
+    assert of({"conversations": sharegpt}) == chat[:3]  # ShareGPT prompts as the chat it loads as
     assert of({"prompt": "Hi?"}) == [{"role": "user", "content": "Hi?"}]
     assert of({"prompt": "Hi?"}, raw=True) == "Hi?"
     assert of({"prompt": "Q: 1+1=", "completion": " 2"}) == "Q: 1+1="

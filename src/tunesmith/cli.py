@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.training.guard import Interrupted
 
 EPILOG = """examples:
   tunesmith quickstart
@@ -407,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         COMMANDS[args.command](args)
+    except Interrupted as e:  # SIGTERM / SIGINT: a checkpoint was written
+        again = [a for a in (argv if argv is not None else sys.argv[1:])]
+        again += [] if "--resume" in again else ["--resume"]
+        print(f"tunesmith: {e}; resume with: tunesmith {shlex.join(again)}", file=sys.stderr)
+        return e.exit_code
     except TunesmithError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

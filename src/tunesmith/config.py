@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -47,9 +48,10 @@ class DataConfig:
     eval: float | str | None = 0.05
     """Held-out split: a fraction of ``train`` (0 < f < 1), a file, or null for none."""
     format: Literal[
-        "auto", "text", "prompt_completion", "alpaca", "chat", "preference", "prompt"
+        "auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt", "preference", "prompt"
     ] = "auto"
-    """Record format. ``auto`` picks it from the fields of the first record and says what it chose."""
+    """Record format. ``auto`` picks it from the fields of the first record and says what it chose.
+    ``sharegpt`` (``conversations`` of ``from``/``value`` turns) loads as ``chat``."""
     template: str | None = None
     """Chat template: null uses the tokenizer's own; ``chatml`` a built-in one; or a .jinja file."""
     max_length: int = 1024
@@ -62,6 +64,10 @@ class DataConfig:
     each row, so they train on one example per row)."""
     loss_on: Literal["completion", "all"] = "completion"
     """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
+    empty_completion: Literal["warn", "drop", "error"] = "warn"
+    """An example whose completion (assistant turn, ``output``, ``chosen``/``rejected``) is empty
+    trains only its end token. ``warn``: train on it and print one line with the count and the
+    first file:line; ``drop``: leave such examples out (counted); ``error``: stop at the first."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed records instead of stopping at the first one."""
     split: str = "train"
@@ -92,6 +98,11 @@ class TrainConfig:
     """Decay after warm-up."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; null disables clipping."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient norm is NaN/inf is never applied: ``skip`` drops it (counted
+    in the logs as ``nan_steps``), ``stop`` ends the run there, leaving the last checkpoint."""
+    max_nan_steps: int = 5
+    """With ``nan_policy: skip``, this many non-finite steps in a row stop the run."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast precision: ``auto`` is bf16 on a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
@@ -205,6 +216,11 @@ ALIASES = {
 }
 
 
+def _shown(text: str) -> str:
+    """``text`` for a one-line message: newlines and other control characters escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _closest(key: str, valid: typing.Iterable[str]) -> str:
     valid = list(valid)
     if not valid:
@@ -262,6 +278,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: got {value}; expected a finite number.")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -282,7 +300,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key '{full}'.{_closest(str(key), names)}")
+            raise ConfigError(f"unknown key '{_shown(full)}'.{_closest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -311,7 +329,7 @@ def _check_data(d: DataConfig) -> None:
 def _check_train(t: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "grad_accum", "lr", "max_steps", "eval_every"):
         _positive(f"train.{name}", getattr(t, name))
-    for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every"):
+    for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every", "max_nan_steps"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.warmup", t.warmup, allow_zero=True)
@@ -370,10 +388,24 @@ def _top_keys() -> list[str]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``train.lr=1e-4`` -> (["train", "lr"], 0.0001). Values are parsed as YAML scalars."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected dotted.key=value, e.g. train.lr=1e-4.")
+        raise ConfigError(
+            f"override '{_shown(item)}': expected dotted.key=value, e.g. train.lr=1e-4."
+        )
     key, raw = item.split("=", 1)
-    value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override '{_shown(item)}': the value is not valid YAML ({_yaml_problem(e)}); "
+            f"write a YAML value (a list is [a, b]) or quote a string: {_shown(key)}='\"{_shown(raw)}\"'."
+        ) from None
     return key.strip().split("."), value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The one-line reason of a YAML error (PyYAML's own text spans several lines)."""
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    return str(problem).splitlines()[0]
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
@@ -388,7 +420,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section.")
+                raise ConfigError(f"override '{_shown(item)}': '{_shown(part)}' is not a section.")
             node[part] = child
             node = child
         node[path[-1]] = value
@@ -418,17 +450,26 @@ def load_config(
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror}).") from None
+        except UnicodeDecodeError:
+            from tunesmith.data.io import bad_utf8
+
+            raise ConfigError(bad_utf8(path) + ".") from None
+        except ValueError as e:  # a NUL in the path
+            raise ConfigError(f"{str(path)!r}: cannot read the config file ({e}).") from None
         try:
             data = yaml.load(text, Loader=_Loader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})."
-            ) from None
+            if mark is not None:
+                line = f":{mark.line + 1}"
+            elif isinstance(getattr(e, "position", None), int):  # a ReaderError
+                line = f":{text.count(chr(10), 0, e.position) + 1}"
+            else:
+                line = ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({_yaml_problem(e)}).") from None
     else:
         data = copy.deepcopy(source)
     return config_from_dict(apply_overrides(data, overrides))

@@ -11,3 +11,8 @@ class ConfigError(TunesmithError):
 
 class DataError(TunesmithError):
     """A data file or record is wrong. The message names the file and line."""
+
+
+class SaveError(TunesmithError):
+    """Writing a checkpoint or the final artifacts failed (disk full, no permission, ...). The
+    message says what failed and which earlier checkpoint is still intact."""

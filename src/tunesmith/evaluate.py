@@ -7,12 +7,15 @@ metrics (for sft, exact match of greedy generations).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import load_config
+from tunesmith.config import Config, load_config
+from tunesmith.console import say
 from tunesmith.data.dataset import prepare_data
+from tunesmith.data.provenance import changed_data
 from tunesmith.errors import TunesmithError
 from tunesmith.models import (
     is_run_dir,
@@ -26,12 +29,28 @@ from tunesmith.tasks.base import record_counts
 from tunesmith.training.loop import evaluate
 
 
+def warn_if_data_changed(run: Path, cfg: Config) -> list[str]:
+    """Say in one line when the run's data files changed since it trained; return the changes."""
+    try:
+        saved = json.loads((run / "run.json").read_text()).get("data")
+    except (OSError, ValueError):
+        return []
+    changes = changed_data(saved, cfg) if isinstance(saved, dict) else []
+    if changes:
+        say(
+            f"warning: the data changed since {run} trained, so these metrics are not on the data "
+            f"it saw: {'; '.join(changes)}"
+        )
+    return changes
+
+
 def evaluate_target(
     target: str, overrides: Sequence[str] = (), samples: int = 200
 ) -> dict[str, Any]:
     """Metrics on the held-out split of the run's (or config's) data."""
     if is_run_dir(target):
         cfg = load_config(Path(target) / "config.yaml", overrides)
+        warn_if_data_changed(Path(target), cfg)
         model, tokenizer, _ = load_for_inference(target, pick_device(cfg.train.device))
     elif Path(target).is_file():
         cfg = load_config(target, overrides)

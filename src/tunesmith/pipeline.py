@@ -9,18 +9,21 @@ task's declaration (``tunesmith.tasks``), never from its name. ``tunesmith.train
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tunesmith.config import Config, load_config, save_config
 from tunesmith.console import say
 from tunesmith.data.batching import Batches, BatchSource
 from tunesmith.data.dataset import prepare_data
-from tunesmith.errors import TunesmithError
+from tunesmith.data.provenance import provenance
+from tunesmith.errors import SaveError, TunesmithError
 from tunesmith.methods import Method, build_method
 from tunesmith.models import (
     HEADS,
@@ -33,7 +36,13 @@ from tunesmith.models import (
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
 from tunesmith.tasks.base import record_counts
-from tunesmith.training.checkpoint import list_checkpoints
+from tunesmith.training.checkpoint import (
+    io_reason,
+    latest_complete,
+    latest_complete_name,
+    list_checkpoints,
+)
+from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
 
 
@@ -55,17 +64,58 @@ class Run:
     base_path: str
     trainable: int
     total: int
+    resume_from: Path | None = None
+    """The verified checkpoint the loop continues from (None: from step 0)."""
 
 
-def prepare_output_dir(cfg: Config, resume: bool) -> Path:
-    """Create the run folder; refuse to overwrite a run, and check a resumed run's config."""
+RESUME_MAY_CHANGE = frozenset(
+    f"train.{k}"
+    for k in (
+        "progress",
+        "lr",
+        "max_grad_norm",
+        "precision",
+        "nan_policy",
+        "max_nan_steps",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+    )
+)
+"""Settings a resumed run may change: how it logs and saves, and the remedies a stop on NaN/inf
+suggests (a lower peak lr, fp32, clipping). Anything else must match the checkpoint's run."""
+
+
+def _at(d: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return d.get(section, {}).get(key)
+
+
+def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    """Create the run folder (refusing to overwrite a run); with ``resume``, pick the newest
+    complete checkpoint and check the config is the run's. Returns (folder, checkpoint or None).
+
+    ``--resume`` on a folder with no complete checkpoint yet starts from step 0 and says so, so a
+    scheduler can relaunch the same command after a preemption whenever it happened.
+    """
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"
     if resume:
-        if not list_checkpoints(out / "checkpoints"):
-            raise TunesmithError(
-                f"--resume: {out} has no checkpoint to resume from (set train.save_every to write them)."
+        start = latest_complete(out / "checkpoints", say)
+        if start is None:
+            if (out / "run.json").exists():
+                raise TunesmithError(
+                    f"--resume: {out} holds a finished run (run.json) and no checkpoint to continue; "
+                    f"nothing to do. Choose another output_dir to train again."
+                )
+            say(
+                f"--resume: no complete checkpoint in {out / 'checkpoints'} yet; starting from step 0."
             )
+            out.mkdir(parents=True, exist_ok=True)
+            _write_config(cfg, saved)
+            return out, None
         before = load_config(saved).to_dict()
         now = cfg.to_dict()
         diff = [
@@ -73,14 +123,24 @@ def prepare_output_dir(cfg: Config, resume: bool) -> Path:
             for s in now
             if isinstance(now[s], dict)
             for k in now[s]
-            if before.get(s, {}).get(k) != now[s][k] and k != "progress"
+            if before.get(s, {}).get(k) != now[s][k]
         ]
         diff += [s for s in now if not isinstance(now[s], dict) and before.get(s) != now[s]]
-        if diff:
+        fixed = [k for k in diff if k not in RESUME_MAY_CHANGE]
+        if fixed:
             raise TunesmithError(
-                f"--resume: the config differs from the run's saved config at {', '.join(diff)}; resume with the same config."
+                f"--resume: the config differs from the run's saved config at {', '.join(fixed)}; "
+                f"resume with the same config (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)."
             )
-        return out
+        changed = [k for k in diff if k != "train.progress"]
+        if changed:
+            say(
+                "resuming with changed "
+                + ", ".join(f"{k} ({_at(before, k)} -> {_at(now, k)})" for k in changed)
+                + "; the run's config.yaml now says so."
+            )
+            _write_config(cfg, saved)
+        return out, start
     if (
         (out / "run.json").exists()
         or list_checkpoints(out / "checkpoints")
@@ -91,8 +151,15 @@ def prepare_output_dir(cfg: Config, resume: bool) -> Path:
             f"output_dir (e.g. output_dir={out}-2). Nothing was changed."
         )
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
-    return out
+    _write_config(cfg, saved)
+    return out, None
+
+
+def _write_config(cfg: Config, path: Path) -> None:
+    """``config.yaml``, replaced in one rename so a crash never leaves half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_config(cfg, tmp)
+    os.replace(tmp, path)
 
 
 def setup_model(
@@ -121,7 +188,7 @@ def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
 def setup_run(cfg: Config, resume: bool = False) -> Run:
     """Everything the loop needs, built from the task's declaration."""
     task = get_task(cfg.task)
-    out = prepare_output_dir(cfg, resume)
+    out, start = prepare_output_dir(cfg, resume)
     device = pick_device(cfg.train.device)
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
@@ -151,15 +218,29 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
         say(f"{method.name} wraps {len(wrapped)} modules ({', '.join(kinds)})")
     objective = task.objective(ctx)
-    return Run(task, ctx, objective, task.source(ctx), task.evals(ctx), base_path, trainable, total)
+    source = task.source(ctx)
+    return Run(task, ctx, objective, source, task.evals(ctx), base_path, trainable, total, start)
 
 
 def run_training(cfg: Config, resume: bool = False) -> RunResult:
-    """Set up the run of ``cfg`` (whose model must be loadable), train it, save it."""
+    """Set up the run of ``cfg`` (whose model must be loadable), train it, save it.
+
+    ``resume`` continues from the newest complete checkpoint in ``output_dir`` (or starts from
+    step 0 when there is none yet). A SIGTERM / SIGINT during training ends in
+    :class:`~tunesmith.training.guard.Interrupted` after a checkpoint is written.
+    """
     run = setup_run(cfg, resume)
     c = run.ctx
     result = LOOPS[run.task.loop](
-        c.model, c.method, run.objective, run.source, run.evals, cfg.train, c.out, c.device, resume
+        c.model,
+        c.method,
+        run.objective,
+        run.source,
+        run.evals,
+        cfg.train,
+        c.out,
+        c.device,
+        run.resume_from or False,
     )
     return finish_run(run, result)
 
@@ -181,8 +262,31 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
     }
     if isinstance(run.source, Batches):
         info["packing_efficiency"] = run.source.packing_efficiency()
-    save_artifacts(ctx, task, run.base_path, info)
-    write_report(ctx.out, ctx.cfg, info, result.history, series=task.report_series)
+    bad = next(
+        (k for k, t in ctx.method.state_dict().items() if not bool(torch.isfinite(t).all())), None
+    )
+    if bad is not None:  # never write NaN/inf weights as the run's result
+        last = latest_complete_name(ctx.out / "checkpoints")
+        raise NonFiniteError(
+            f"final weights: {bad} holds NaN/inf, so the run was not saved"
+            f"{f'; the last good checkpoint {last} is intact' if last else ''}; {ADVICE}."
+        )
+    try:
+        save_artifacts(ctx, task, run.base_path, info)
+        write_report(ctx.out, ctx.cfg, info, result.history, series=task.report_series)
+    except (OSError, SafetensorError) as e:
+        last = latest_complete_name(ctx.out / "checkpoints")
+        kept = (
+            f"the last checkpoint {last} is intact: free space and run the same command with "
+            f"--resume to save again"
+            if last
+            else "no checkpoint was written (set train.save_every to keep one)"
+        )
+        (ctx.out / "run.json.tmp").unlink(missing_ok=True)
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        raise SaveError(
+            f"final save to {ctx.out} failed{where} ({io_reason(e)}); {kept}."
+        ) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
     say(
         f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"
@@ -218,5 +322,9 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
         "artifact": artifact,
         "base_model": base_path,
         **info,
+        "data": provenance(ctx.cfg),  # fingerprints: `tunesmith eval` warns when they change
     }
-    (out / "run.json").write_text(json.dumps(run, indent=2))
+    # Written last and in one rename: run.json marks a run whose artifacts are complete.
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(run, indent=2))
+    os.replace(tmp, out / "run.json")

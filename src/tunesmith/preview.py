@@ -85,8 +85,9 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
         f"  tokens             {s.tokens:,} (length min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()})",
         f"  supervised tokens  {s.supervised:,} ({100 * s.supervised / max(s.tokens, 1):.1f}% of tokens)",
         f"  truncated          {s.truncated:,} (data.max_length={cfg.data.max_length}, data.truncation={cfg.data.truncation})",
-        f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train"
-        f"{' or identical / empty sides' if group > 1 else ''} {s.dropped_unsupervised}, malformed {s.skipped_bad})",
+        f"  empty completions  {s.empty:,} (data.empty_completion={cfg.data.empty_completion})",
+        f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.dropped_empty + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train"
+        f"{' or identical sides' if group > 1 else ''} {s.dropped_unsupervised}, empty completion {s.dropped_empty}, malformed {s.skipped_bad})",
         f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing})",
     ]
     same = tokenizer.pad_token_id == tokenizer.eos_token_id

@@ -161,8 +161,18 @@ def test_reward_head_shape_and_hf_loading(llama, tmp_path, tok):
 def test_pair_checks(tmp_path, tok):
     with pytest.raises(DataError, match="p.jsonl:1: 'chosen' and 'rejected' are identical"):
         pair_data(tok, tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "b"}])
-    with pytest.raises(DataError, match="p.jsonl:1: an empty response"):
-        pair_data(tok, tmp_path, [{"prompt": "a", "chosen": " ", "rejected": "b"}])
+    empty = [{"prompt": "a", "chosen": " ", "rejected": "b"}, *PAIRS]
+    with pytest.raises(DataError, match="p.jsonl:1: empty 'chosen'.*data.empty_completion=drop"):
+        pair_data(tok, tmp_path, empty, empty_completion="error")
+    data = pair_data(tok, tmp_path, empty)  # warn: kept, counted, one line
+    assert len(data.train) == 2 * len(empty) and data.stats.empty == 1
+    assert [n for n in data.notes if "empty completion" in n] == [
+        f"warning: 1 of {len(empty)} training records have an empty completion, so only the end "
+        f"token trains for them (first: {tmp_path / 'p.jsonl'}:1); fill them in, or set "
+        "data.empty_completion=drop or error"
+    ]
+    data = pair_data(tok, tmp_path, empty, empty_completion="drop")
+    assert len(data.train) == 2 * len(PAIRS) and data.stats.dropped_empty == 1
     data = pair_data(
         tok, tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "b"}, *PAIRS], skip_bad_rows=True
     )

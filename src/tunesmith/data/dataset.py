@@ -10,7 +10,15 @@ import numpy as np
 
 from tunesmith.config import DataConfig
 from tunesmith.data.batching import collate
-from tunesmith.data.formats import detect_format, render, render_pair, resolve_template
+from tunesmith.data.formats import (
+    LOADS_AS,
+    detect_format,
+    empty_completion,
+    render,
+    render_pair,
+    resolve_template,
+    sharegpt_to_chat,
+)
 from tunesmith.data.io import Record, read_records
 from tunesmith.data.kinds import EXAMPLES, RecordKind
 from tunesmith.data.tokenize import Example, TokenStats, adds_bos, tokenize_segments
@@ -54,11 +62,48 @@ def split_records(
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def _bad_row(skip: bool, message: str) -> None:
+def _bad_row(skip: bool, message: str, stats: TokenStats | None = None) -> None:
     if not skip:
         raise DataError(
             message + " Fix the record, or set data.skip_bad_rows=true to skip such rows."
         )
+    if stats is not None:
+        stats.skipped_bad += 1
+        stats.first_bad = stats.first_bad or message
+
+
+def _empty(rec: Record, what: str, policy: str, stats: TokenStats) -> bool:
+    """Count an example with an empty completion; whether to drop it (``data.empty_completion``)."""
+    stats.empty += 1
+    stats.first_empty = stats.first_empty or rec.origin
+    if policy == "error":
+        raise DataError(
+            f"{rec.origin}: empty {what}, so only the end token would train; fill it in, or set "
+            "data.empty_completion=drop (leave such examples out) or warn (train on them)."
+        )
+    if policy == "drop":
+        stats.dropped_empty += 1
+        return True
+    return False
+
+
+# Converters of formats that load as another one (``LOADS_AS``).
+CONVERTERS = {"sharegpt": sharegpt_to_chat}
+
+
+def convert_records(
+    records: list[Record], fmt: str, skip_bad: bool, stats: TokenStats | None = None
+) -> list[Record]:
+    """Records of format ``fmt`` in the format they load as (ShareGPT -> chat)."""
+    if fmt not in LOADS_AS:
+        return records
+    out = []
+    for rec in records:
+        try:
+            out.append(CONVERTERS[fmt](rec))
+        except DataError as e:
+            _bad_row(skip_bad, str(e), stats)
+    return out
 
 
 def tokenize_records(
@@ -74,18 +119,16 @@ def tokenize_records(
     bos = adds_bos(tokenizer) and fmt not in ("chat", "preference")
     out = []
     for rec in records:
-        if fmt == "preference":
-            sides = render_pair(rec, tokenizer, template)
-        else:
-            sides = (render(rec, fmt, tokenizer, template, cfg.loss_on == "all"),)
-        if fmt == "preference" and any(
-            not "".join(
-                s.content for s in side if isinstance(s.content, str) and s.supervised
-            ).strip()
-            for side in sides
-        ):
-            stats.dropped_unsupervised += 1
-            _bad_row(skip_bad, f"{rec.origin}: an empty response in the pair.")
+        try:
+            if fmt == "preference":
+                sides = render_pair(rec, tokenizer, template)
+            else:
+                sides = (render(rec, fmt, tokenizer, template, cfg.loss_on == "all"),)
+        except DataError as e:
+            _bad_row(skip_bad, str(e), stats)
+            continue
+        what = empty_completion(rec, fmt)
+        if what is not None and _empty(rec, what, cfg.empty_completion, stats):
             continue
         examples = []
         for segments in sides:
@@ -118,6 +161,26 @@ def tokenize_records(
             stats.add(ex)
         out.extend(examples)
     return out, stats
+
+
+def _why_none(stats: TokenStats, cfg: DataConfig) -> str:
+    """Why every record was left out, for the error that says none is left."""
+    why = []
+    if stats.skipped_bad:
+        why.append(f"{stats.skipped_bad} malformed (first: {stats.first_bad})")
+    if stats.dropped_long:
+        why.append(
+            f"{stats.dropped_long} longer than data.max_length={cfg.max_length} "
+            "(data.truncation=drop; raise data.max_length or set data.truncation=truncate)"
+        )
+    if stats.dropped_empty:
+        why.append(
+            f"{stats.dropped_empty} with an empty completion (first: {stats.first_empty}; "
+            "data.empty_completion=drop)"
+        )
+    if stats.dropped_unsupervised:
+        why.append(f"{stats.dropped_unsupervised} with nothing to train")
+    return ", ".join(why) or "the data has no records"
 
 
 def preflight(examples: list[Example], tokenizer: Any, cfg: DataConfig, where: str) -> None:
@@ -164,8 +227,6 @@ def prepare_data(
     """
     records, report = read_records(cfg.train, cfg.split, cfg.skip_bad_rows)
     notes = []
-    if report.skipped:
-        notes.append(f"skipped {report.skipped} malformed rows (first: {report.first_problem})")
     if isinstance(cfg.eval, float):
         train_records, eval_records = split_records(records, cfg.eval, seed)
     elif isinstance(cfg.eval, str):
@@ -178,30 +239,59 @@ def prepare_data(
     fmt = cfg.format
     if fmt == "auto":
         fmt = detect_format(train_records[0])
+        loaded = f" (loaded as {LOADS_AS[fmt]})" if fmt in LOADS_AS else ""
         notes.append(
-            f"format: auto chose '{fmt}' from the fields {sorted(train_records[0].fields)}"
+            f"format: auto chose '{fmt}'{loaded} from the fields {sorted(train_records[0].fields)}"
         )
-    if fmt not in kind.formats:
+    if LOADS_AS.get(fmt, fmt) not in kind.formats:
         raise ConfigError(
             f"data.format: '{fmt}' does not fit this task, which trains on {kind.describe}."
         )
     template = resolve_template(cfg.template, tokenizer)
+    n_train = len(train_records)
+    pre = TokenStats(skipped_bad=report.skipped, first_bad=report.first_problem)
+    train_records = convert_records(train_records, fmt, cfg.skip_bad_rows, pre)
+    eval_records = convert_records(eval_records, fmt, True)
+    fmt = LOADS_AS.get(fmt, fmt)
     if not kind.tokenized:  # rows are produced while training (e.g. sampled responses)
         if not train_records:
             raise DataError(f"{cfg.train}: no records to train on.")
         return PreparedData(
-            fmt, template, [], [], train_records, eval_records, TokenStats(), TokenStats(), notes
+            fmt, template, [], [], train_records, eval_records, pre, TokenStats(), notes
         )
     train, stats = tokenize_records(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
-    stats.skipped_bad = report.skipped
+    stats.skipped_bad += pre.skipped_bad
+    stats.first_bad = pre.first_bad or stats.first_bad
     evals, eval_stats = tokenize_records(eval_records, fmt, cfg, tokenizer, template, True)
+    if stats.skipped_bad:
+        notes.append(f"skipped {stats.skipped_bad} malformed rows (first: {stats.first_bad})")
+    if eval_stats.skipped_bad:
+        notes.append(
+            f"skipped {eval_stats.skipped_bad} malformed held-out rows (first: {eval_stats.first_bad})"
+        )
+    if not train:
+        raise DataError(f"{cfg.train}: no usable examples: {_why_none(stats, cfg)}.")
     preflight(train, tokenizer, cfg, cfg.train)
     check_padding(train, tokenizer, cfg.train)
     if stats.truncated:
         verb = "dropped" if cfg.truncation == "drop" else "truncated"
         notes.append(
-            f"{stats.truncated} of {len(train_records)} training examples exceed data.max_length={cfg.max_length} and were {verb}"
+            f"{stats.truncated} of {n_train} training examples exceed data.max_length={cfg.max_length} and were {verb}"
         )
+    for which, s, n in (
+        ("training", stats, len(train_records)),
+        ("held-out", eval_stats, len(eval_records)),
+    ):
+        if s.empty and cfg.empty_completion == "drop":
+            notes.append(
+                f"dropped {s.dropped_empty} of {n} {which} records with an empty completion (first: {s.first_empty})"
+            )
+        elif s.empty:
+            notes.append(
+                f"warning: {s.empty} of {n} {which} records have an empty completion, so only the "
+                f"end token trains for them (first: {s.first_empty}); fill them in, or set "
+                "data.empty_completion=drop or error"
+            )
     return PreparedData(
         fmt, template, train, evals, train_records, eval_records, stats, eval_stats, notes
     )

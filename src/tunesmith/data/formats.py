@@ -8,6 +8,9 @@ Formats (``format: auto`` picks by fields):
 
 - ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the chat template;
   every assistant turn (with its end-of-turn marker) is supervised.
+- ``sharegpt``: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``, the
+  layout of many public chat data sets; loaded as ``chat`` with the roles mapped
+  (``SHAREGPT_ROLES``).
 - ``prompt_completion``: ``{"prompt": ..., "completion": ...}``; the completion and EOS are supervised.
 - ``alpaca``: ``{"instruction", "input" (optional), "output"}`` in the Alpaca prompt layout.
 - ``text``: ``{"text": ...}``; everything is supervised (plain language modelling).
@@ -58,13 +61,26 @@ ALPACA_NO_INPUT = (
 REQUIRED = {
     "preference": ("chosen", "rejected"),
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
     "prompt": ("prompt",),
 }
 # Checked in this order by format: auto.
-DETECT_ORDER = ("preference", "chat", "prompt_completion", "alpaca", "text", "prompt")
+DETECT_ORDER = ("preference", "chat", "sharegpt", "prompt_completion", "alpaca", "text", "prompt")
+
+# ShareGPT speaker names (``from``) and the chat role each becomes.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+# Formats read by converting each record into another format first.
+LOADS_AS = {"sharegpt": "chat"}
 
 
 @dataclass
@@ -107,6 +123,57 @@ def check_fields(record: Record, fmt: str) -> None:
         )
 
 
+def sharegpt_to_chat(record: Record) -> Record:
+    """A ShareGPT record (``conversations`` of ``{from, value}``) as a chat record (``messages``).
+
+    Turns may also be written ``{role, content}``; speaker names map by ``SHAREGPT_ROLES``.
+    """
+    check_fields(record, "sharegpt")
+    turns = record.fields["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            f"{record.origin}: 'conversations' must be a non-empty list of {{from, value}} turns."
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        keys = (
+            ("from", "value") if isinstance(turn, dict) and "from" in turn else ("role", "content")
+        )
+        if not isinstance(turn, dict) or any(k not in turn for k in keys):
+            raise DataError(f"{record.origin}: conversations[{i}] needs 'from' and 'value'.")
+        speaker, value = turn[keys[0]], turn[keys[1]]
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataError(
+                f"{record.origin}: conversations[{i}] has role {speaker!r}; allowed: "
+                f"{', '.join(SHAREGPT_ROLES)} (mapped to user, assistant or system)."
+            )
+        if not isinstance(value, str):
+            raise DataError(
+                f"{record.origin}: conversations[{i}].value must be a string, got {type(value).__name__}."
+            )
+        messages.append({"role": role, "content": value})
+    fields = {k: v for k, v in record.fields.items() if k != "conversations"}
+    return Record({**fields, "messages": messages}, record.origin)
+
+
+def check_messages(record: Record, messages: Any, key: str) -> list[dict]:
+    """``messages`` if it is a non-empty list of ``{role, content}`` with string values."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{record.origin}: '{key}' must be a non-empty list of {{role, content}} objects."
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{record.origin}: {key}[{i}] needs 'role' and 'content'.")
+        for part in ("role", "content"):
+            if not isinstance(m[part], str):
+                raise DataError(
+                    f"{record.origin}: {key}[{i}].{part} must be a string, got {type(m[part]).__name__}."
+                )
+    return messages
+
+
 def resolve_template(template: str | None, tokenizer: Any) -> str | None:
     """The chat template to use: a named built-in, a .jinja file, or the tokenizer's own."""
     if template is None:
@@ -116,9 +183,13 @@ def resolve_template(template: str | None, tokenizer: Any) -> str | None:
     path = Path(template).expanduser()
     if path.suffix == ".jinja" or path.exists():
         try:
-            return path.read_text()
+            return path.read_text(encoding="utf-8-sig")
         except OSError as e:
             raise ConfigError(f"data.template: cannot read {path} ({e.strerror}).") from None
+        except UnicodeDecodeError:
+            from tunesmith.data.io import bad_utf8
+
+            raise ConfigError(f"data.template: {bad_utf8(path)}.") from None
     raise ConfigError(
         f"data.template: got {template!r}; give one of {', '.join(TEMPLATES)}, a .jinja file, or null."
     )
@@ -134,15 +205,14 @@ def _text(record: Record, key: str) -> str:
 
 
 def _render_chat(
-    record: Record, messages: Any, tokenizer: Any, template: str | None, loss_on_all: bool
+    record: Record,
+    messages: Any,
+    tokenizer: Any,
+    template: str | None,
+    loss_on_all: bool,
+    key: str = "messages",
 ) -> list[Segment]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(
-            f"{record.origin}: 'messages' must be a non-empty list of {{role, content}} objects."
-        )
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{record.origin}: messages[{i}] needs 'role' and 'content'.")
+    check_messages(record, messages, key)
     if template is None:
         raise ConfigError(
             "data.template: the tokenizer has no chat template, so chat data cannot be rendered; "
@@ -156,6 +226,11 @@ def _render_chat(
 
     if loss_on_all:
         return [Segment(render(messages, False), True)]
+    if messages[0]["role"] == "assistant":
+        raise DataError(
+            f"{record.origin}: the conversation starts with an assistant turn, so there is no prompt "
+            "for it to answer; start with a user (or system) turn, or set data.loss_on=all."
+        )
     segments: list[Segment] = []
     done = ""
     for i, m in enumerate(messages):
@@ -191,29 +266,48 @@ def render(
     if fmt == "prompt_completion":
         if isinstance(f["prompt"], list) and isinstance(f["completion"], list):
             # Conversational prompt/completion: both are lists of messages.
+            check_messages(record, f["prompt"], "prompt")
+            check_messages(record, f["completion"], "completion")
             return _render_chat(
                 record, f["prompt"] + f["completion"], tokenizer, template, loss_on_all
             )
         prompt, completion = _text(record, "prompt"), _text(record, "completion")
     else:  # alpaca
-        inp = f.get("input") or ""
+        inp = _alpaca_input(record)
         layout = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
         prompt = layout.format(instruction=_text(record, "instruction"), input=inp)
         completion = _text(record, "output")
     return [Segment(prompt, loss_on_all), Segment(completion, True), Segment(eos, True)]
 
 
+def _alpaca_input(record: Record) -> str:
+    inp = record.fields.get("input")
+    if inp is None:
+        return ""
+    if not isinstance(inp, str):
+        raise DataError(
+            f"{record.origin}: field 'input' must be a string or null, got {type(inp).__name__}."
+        )
+    return inp
+
+
 def _conversation(record: Record, key: str) -> list[dict]:
     value = record.fields[key]
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
-    ):
+    if not isinstance(value, list) or not value:
         raise DataError(
             f"{record.origin}: '{key}' must be a string or a list of {{role, content}} messages."
         )
-    return value
+    return check_messages(record, value, key)
+
+
+def shared_prefix(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages two conversations share (at least the last one differs)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+        k += 1
+    return k
 
 
 def render_response(
@@ -258,10 +352,15 @@ def render_pair(
     prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
     if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
         chosen, rejected = _conversation(record, "chosen"), _conversation(record, "rejected")
+        if isinstance(prompt, list):
+            check_messages(record, prompt, "prompt")
+        elif prompt is not None and not isinstance(prompt, str):
+            raise DataError(
+                f"{record.origin}: 'prompt' must be a string, a list of {{role, content}} messages "
+                f"or absent, got {type(prompt).__name__}."
+            )
         if prompt is None:  # implicit prompt: the conversations' shared prefix
-            k = 0
-            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
-                k += 1
+            k = shared_prefix(chosen, rejected)
             if k == 0:
                 raise DataError(
                     f"{record.origin}: no 'prompt', and 'chosen' and 'rejected' share no leading messages to use as one."
@@ -281,7 +380,10 @@ def prompt_and_reference(
     f = record.fields
     if fmt == "chat" or (fmt == "prompt_completion" and isinstance(f["prompt"], list)):
         msgs = f["messages"] if fmt == "chat" else f["prompt"] + f["completion"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if not turns:
+            raise DataError(f"{record.origin}: no assistant turn to use as the reference answer.")
+        last = turns[-1]
         prompt = tokenizer.apply_chat_template(
             msgs[:last], chat_template=template, tokenize=False, add_generation_prompt=True
         )
@@ -289,7 +391,7 @@ def prompt_and_reference(
     if fmt == "prompt_completion":
         return f["prompt"], f["completion"]
     if fmt == "alpaca":
-        inp = f.get("input") or ""
+        inp = _alpaca_input(record)
         layout = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
         return layout.format(instruction=f["instruction"], input=inp), f["output"]
     raise DataError(
@@ -364,3 +466,44 @@ def prompt_of(
             return prompt, prompt, reference
         return chat(prompt), prompt, reference
     raise DataError(f"{record.origin}: format '{fmt}' has no prompt to answer.")
+
+
+def _blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def _empty_turn(messages: list[dict], key: str, start: int = 0) -> str | None:
+    for i, m in enumerate(messages[start:], start):
+        if m["role"] == "assistant" and _blank(m["content"]):
+            return f"assistant turn {key}[{i}]"
+    return None
+
+
+def empty_completion(record: Record, fmt: str) -> str | None:
+    """What is empty (only whitespace) among the trained parts of a rendered record, or None.
+
+    Such an example trains only its end token: the model learns to answer nothing. Call it after
+    ``render`` / ``render_pair`` accepted the record, so the fields have their expected types.
+    """
+    f = record.fields
+    if fmt == "chat":
+        return _empty_turn(f["messages"], "messages")
+    if fmt == "text":
+        return "'text'" if _blank(f["text"]) else None
+    if fmt == "alpaca":
+        return "'output'" if _blank(f["output"]) else None
+    if fmt == "prompt_completion":
+        if isinstance(f["completion"], list):
+            return _empty_turn(f["completion"], "completion")
+        return "'completion'" if _blank(f["completion"]) else None
+    if fmt == "preference":
+        chosen, rejected = f["chosen"], f["rejected"]
+        if isinstance(chosen, list) and isinstance(rejected, list) and f.get("prompt") is None:
+            k = shared_prefix(chosen, rejected)
+            return _empty_turn(chosen, "chosen", k) or _empty_turn(rejected, "rejected", k)
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if _blank(side):
+                return f"'{key}'"
+            if isinstance(side, list) and _empty_turn(side, key):
+                return _empty_turn(side, key)
+    return None

@@ -1,15 +1,19 @@
 """Read records from local files (JSONL, JSON, CSV, Parquet), hub datasets or built-in tasks.
 
-Every record carries its origin (``file:line``) so that any later error can point at it.
+Every record carries its origin (``file:line``) so that any later error can point at it. Text
+files are UTF-8, with or without the byte-order mark Windows tools write; a byte that is not
+UTF-8 is reported with the line it is on.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
@@ -36,62 +40,170 @@ def _bad(report: ReadReport, skip: bool, message: str) -> None:
     report.skip(message)
 
 
+# "utf-8-sig" reads UTF-8 and drops a leading byte-order mark when there is one.
+ENCODING = "utf-8-sig"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-8 (BOM or not), or UTF-16 when the file starts with its byte-order mark (as Windows
+    PowerShell's ``>`` and Excel's "Unicode text" write)."""
+    with path.open("rb") as f:
+        return "utf-16" if f.read(2) in UTF16_BOMS else ENCODING
+
+
+def bad_utf8(path: Path) -> str:
+    """``FILE:LINE: not UTF-8 text (byte 0x.. at column C)`` for the first byte that is not UTF-8.
+
+    The file is read again line by line (only after decoding it failed), so a user with a long
+    file learns which line to fix.
+    """
+    if text_encoding(path) == "utf-16":
+        return f"{path}: not valid UTF-16 text (it starts with a UTF-16 byte-order mark); save the file as UTF-8"
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode(ENCODING if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                    f"{e.start + 1}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                )
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
+
+
+# A JSON \uXXXX escape of half a UTF-16 surrogate pair; alone it is not a character.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string inside ``value`` holding a lone surrogate (no tokenizer can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"\\u{ord(value[e.start]):04x}"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _lone_surrogate(item)
+        if found:
+            return found
+    return None
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` with every way it fails turned into a ValueError carrying a short reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+        raise ValueError(f"{msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise ValueError(_reason(e)) from None
+
+
+def _reason(e: ValueError) -> str:
+    """The first clause of a parser's complaint (Python's own advice after ';' is for coders)."""
+    return str(e).splitlines()[0].split(";")[0]
+
+
+def _record(obj: Any, origin: str, report: ReadReport, skip: bool) -> Record | None:
+    """``obj`` as a record, or None (after reporting) when it is not an object of text."""
+    if not isinstance(obj, dict):
+        _bad(report, skip, f"{origin}: expected a JSON object, got {type(obj).__name__}.")
+        return None
+    bad = _lone_surrogate(obj)
+    if bad:
+        _bad(
+            report,
+            skip,
+            f"{origin}: the escape {bad} is half of a UTF-16 surrogate pair, not a character.",
+        )
+        return None
+    return Record(obj, origin)
+
+
 def _read_jsonl(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=text_encoding(path)) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                _bad(
-                    report, skip, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})."
-                )
+                msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+                _bad(report, skip, f"{path}:{lineno}: not valid JSON ({msg} at column {e.colno}).")
                 continue
-            if not isinstance(obj, dict):
-                _bad(
-                    report,
-                    skip,
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.",
-                )
+            except (ValueError, RecursionError) as e:
+                why = "nested too deeply" if isinstance(e, RecursionError) else _reason(e)
+                _bad(report, skip, f"{path}:{lineno}: not valid JSON ({why}).")
                 continue
-            out.append(Record(obj, f"{path}:{lineno}"))
+            if _SURROGATE_ESCAPE.search(line) is None and isinstance(obj, dict):
+                out.append(Record(obj, f"{path}:{lineno}"))  # the common case: nothing to check
+                continue
+            record = _record(obj, f"{path}:{lineno}", report, skip)
+            if record is not None:
+                out.append(record)
     return out
 
 
 def _read_json(path: Path, skip: bool, report: ReadReport) -> list[Record]:
+    text = path.read_text(encoding=text_encoding(path))  # the caller reports a decoding error
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+        data = _parse_json(text)
+    except ValueError as e:
+        if str(e).startswith("Extra data"):  # one object per line: JSON Lines named .json
+            return _read_jsonl(path, skip, report)
+        where = re.search(r" at line (\d+) column \d+$", str(e))
+        line = f":{where.group(1)}" if where else ""
+        raise DataError(f"{path}{line}: not valid JSON ({str(e)}).") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (or use .jsonl, one per line).")
     out = []
     for i, obj in enumerate(data):
-        if not isinstance(obj, dict):
-            _bad(report, skip, f"{path}: record {i}: expected an object, got {type(obj).__name__}.")
-            continue
-        out.append(Record(obj, f"{path}: record {i}"))
+        record = _record(obj, f"{path}: record {i}", report, skip)
+        if record is not None:
+            out.append(record)
     return out
+
+
+# Long documents make long CSV fields; the csv module stops at 128 KiB by default.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def csv_delimiter(header: str) -> str:
+    """',' unless the header line is clearly separated by ';' (spreadsheets in many locales) or tabs."""
+    for sep in (",", ";", "\t"):
+        if sep in header:
+            return sep
+    return ","
 
 
 def _read_csv(path: Path, skip: bool, report: ReadReport) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            lineno = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                _bad(
-                    report,
-                    skip,
-                    f"{path}:{lineno}: wrong number of columns for header {reader.fieldnames}.",
-                )
-                continue
-            out.append(Record(dict(row), f"{path}:{lineno}"))
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with path.open(encoding=text_encoding(path), newline="") as f:
+        reader = csv.DictReader(f, delimiter=csv_delimiter(f.readline()))
+        f.seek(0)
+        try:
+            for row in reader:
+                lineno = reader.line_num
+                if None in row or any(v is None for v in row.values()):
+                    _bad(
+                        report,
+                        skip,
+                        f"{path}:{lineno}: wrong number of columns for header {reader.fieldnames}.",
+                    )
+                    continue
+                out.append(Record(dict(row), f"{path}:{lineno}"))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}).") from None
     return out
 
 
@@ -131,6 +243,23 @@ def _read_hub(name: str, split: str) -> list[Record]:
     return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
 
 
+def _read_local(path: Path, skip: bool, report: ReadReport) -> list[Record] | None:
+    """Records of a local file, or None when there is no such file."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a data file ({', '.join(FILE_SUFFIXES)}).")
+    if not path.exists():
+        return None
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"{path}: unknown file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}."
+        )
+    try:
+        return reader(path, skip, report)
+    except UnicodeDecodeError:
+        raise DataError(bad_utf8(path) + ".") from None
+
+
 SOURCES: dict[str, Callable[[str], list[Record]]] = {}
 """Named data sources by prefix (``builtin:``), registered by the modules that provide them."""
 
@@ -151,24 +280,20 @@ def read_records(
     for prefix, reader in SOURCES.items():
         if source.startswith(prefix):
             return reader(source), report
+    if "\x00" in source:
+        raise DataError(f"{source!r}: a file name cannot contain a NUL character.")
     path = Path(source).expanduser()
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; give a data file ({', '.join(FILE_SUFFIXES)}).")
-    if path.exists():
-        reader = _READERS.get(path.suffix.lower())
-        if reader is None:
-            raise DataError(
-                f"{path}: unknown file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}."
-            )
-        try:
-            records = reader(path, skip_bad_rows, report)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text.") from None
-        except PermissionError:
-            raise DataError(f"{path}: permission denied.") from None
-    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"{path}: file not found.")
-    else:
+    try:
+        records = _read_local(path, skip_bad_rows, report)
+    except PermissionError:
+        raise DataError(
+            f"{path}: permission denied; make it readable (chmod u+r) or run as its owner."
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}).") from None
+    if records is None:
+        if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+            raise DataError(f"{path}: file not found.")
         records = _read_hub(source, split)
     if not records:
         raise DataError(

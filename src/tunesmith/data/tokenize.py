@@ -45,6 +45,13 @@ class TokenStats:
     dropped_long: int = 0
     dropped_unsupervised: int = 0
     skipped_bad: int = 0
+    first_bad: str | None = None
+    """The first malformed record skipped (``data.skip_bad_rows``), with why."""
+    empty: int = 0
+    """Examples with an empty completion (see ``data.empty_completion``), dropped or not."""
+    dropped_empty: int = 0
+    first_empty: str | None = None
+    """``file:line`` of the first example with an empty completion."""
     lengths: list[int] = field(default_factory=list)
 
     def add(self, ex: Example) -> None:

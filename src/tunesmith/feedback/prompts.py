@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.formats import fitting_formats, prompt_and_reference
+from tunesmith.data.formats import fitting_formats, prompt_and_reference, sharegpt_to_chat
 from tunesmith.data.io import Record, read_records
 from tunesmith.errors import DataError
 
@@ -80,6 +80,9 @@ def prompt_of(record: Record, tokenizer: Any, template: str | None, raw: bool = 
     """The prompt of one record (see the module docstring for each format)."""
     f = record.fields
     fits = [x for x in fitting_formats(f) if x != "text"]
+    if "sharegpt" in fits and "chat" not in fits:  # ShareGPT prompts as the chat it loads as
+        record = sharegpt_to_chat(record)
+        f, fits = record.fields, ["chat"]
     if "messages" in f and "chat" in fits:
         return Prompt(_before_last_answer(record, _messages(record, f["messages"], "messages")))
     if "prompt_completion" in fits and isinstance(f["prompt"], list):

@@ -1,22 +1,52 @@
-"""Resumable checkpoints in safetensors + JSON (nothing is pickled).
+"""Resumable checkpoints in safetensors + JSON (nothing is pickled), safe to kill at any moment.
 
-A checkpoint folder holds the method's trainable weights, the optimiser state, the RNG states,
-and the loop position. It is written to a temporary folder and renamed into place, so a crash
-while saving never leaves a half-written checkpoint, and the previous one stays intact.
+A checkpoint folder ``step-NNNNNNN/`` holds the method's trainable weights, the optimiser state,
+the RNG states (torch CPU and CUDA, Python's ``random``), the scheduler and the loop position
+(including the batch source's state), so a resumed run is bitwise the uninterrupted one.
+
+Writing is atomic, in this order:
+
+1. every file goes into a hidden ``.tmp-step-NNNNNNN-PID/`` folder and is flushed to disk
+   (``fsync``);
+2. ``manifest.json`` (written last, also fsync'd) lists each file with its size in bytes and its
+   SHA-256;
+3. the folder is renamed to ``step-NNNNNNN`` (one ``rename``, atomic on POSIX file systems) and the
+   parent folder is fsync'd, so the rename itself survives a power cut.
+
+A process killed at any point leaves either no ``step-`` folder or a complete one; leftover
+``.tmp-`` folders are removed by the next save. ``--resume`` still trusts nothing: it walks the
+``step-`` folders from the newest and takes the first whose manifest verifies (every file present
+with its size and checksum), saying in one line why it skipped any other.
+
+Nothing non-finite is ever written: a checkpoint whose weights or optimiser moments hold NaN/inf
+is refused (:class:`~tunesmith.training.guard.NonFiniteError`). A write that fails (disk full,
+no permission) removes its temporary folder and raises :class:`~tunesmith.errors.SaveError`
+naming what failed and the previous checkpoint, which is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tunesmith.errors import SaveError
 from tunesmith.methods.base import Method
+from tunesmith.training.guard import NonFiniteError, fault_point, kill_self
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 def _optimizer_to_flat(
@@ -43,6 +73,42 @@ def _optimizer_from_flat(
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a new file, a rename) to disk. Some file systems cannot fsync a
+    folder (EINVAL): there the rename is as durable as the file system makes it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:
+    """Write one file with ``write``, flush it to disk, and describe it for the manifest."""
+    write(path)
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -52,35 +118,152 @@ def save_checkpoint(
     loop_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(
-        {k: v.contiguous() for k, v in method.state_dict().items()}, tmp / "weights.safetensors"
-    )
+    """Write ``root/step-NNNNNNN`` atomically (see the module docstring) and keep the ``keep``
+    newest complete checkpoints."""
+    weights = {k: v.contiguous() for k, v in method.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(opt)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    bad = _non_finite(weights) or _non_finite(opt_tensors)
+    if bad is not None:
+        previous = latest_complete_name(root)
+        raise NonFiniteError(
+            f"step {step}: {bad} holds NaN/inf, so no checkpoint was written"
+            f"{f'; the last good one, {previous}, is intact' if previous else ''}; try a lower "
+            f"train.lr or train.precision=fp32."
+        )
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    sched_state = sched.state_dict()  # plain numbers; lambdas are stored as None
-    meta = {"step": step, "loop": loop_state, "optimizer": opt_meta, "scheduler": sched_state}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    version, mt, gauss = random.getstate()
+    meta = {
+        "step": step,
+        "loop": loop_state,
+        "optimizer": opt_meta,
+        "scheduler": sched.state_dict(),  # plain numbers; lambdas are stored as None
+        "python_random": [version, list(mt), gauss],
+    }
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    doing = f"creating {root}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        writers: list[tuple[str, Callable[[Path], None]]] = [
+            ("weights.safetensors", lambda p: save_file(weights, str(p))),
+            ("optimizer.safetensors", lambda p: save_file(opt_tensors, str(p))),
+            ("rng.safetensors", lambda p: save_file(rng, str(p))),
+            ("state.json", lambda p: p.write_text(json.dumps(meta, indent=1))),
+        ]
+        files = {}
+        for name, write in writers:
+            doing = f"writing {tmp / name}"
+            files[name] = _write(tmp / name, write)
+            _fault()
+        doing = f"writing {tmp / MANIFEST}"
+        manifest = {"format": FORMAT, "step": step, "files": files}
+        _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        _fsync_dir(tmp)
+        _fault()
+        doing = f"renaming {tmp.name} to {final}"
+        aside = root / f".old-step-{step:07d}-{os.getpid()}"
+        if final.exists():  # the same step again (a resumed run that had finished): swap it
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _fault()
+        shutil.rmtree(aside, ignore_errors=True)
+    except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_complete_name(root)
+        kept = (
+            f"the previous checkpoint {previous} is intact and --resume continues from it"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise SaveError(
+            f"checkpoint of step {step} not written: {doing} failed ({io_reason(e)}); {kept}. "
+            f"Free disk space or make {root} writable (or choose another output_dir)."
+        ) from None
+    _prune(root, final, keep)
     return final
 
 
+def _fault() -> None:
+    """Test hook (``TUNESMITH_FAULT=kill-in-checkpoint:N``): SIGKILL at the N-th of these points
+    in this process. A checkpoint passes six: after each of its four files, after the manifest,
+    and after the rename (the first five leave a torn ``.tmp-`` folder)."""
+    if fault_point("kill-in-checkpoint"):
+        kill_self()
+
+
+def io_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device")."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    return str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+
+
+def _prune(root: Path, newest: Path, keep: int) -> None:
+    """Keep ``newest`` and the ``keep - 1`` newest others that look complete; remove the rest."""
+    kept = 1
+    for p in reversed(list_checkpoints(root)):
+        if p == newest:
+            continue
+        if kept < keep and (p / MANIFEST).exists():
+            kept += 1
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
+    """Every ``step-`` folder under ``root``, oldest first (complete or not)."""
     if not root.exists():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint, else why not (one phrase)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (its write was cut short, or an older tunesmith wrote it)"
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    missing = [f for f in FILES if f not in files]
+    if missing:
+        return f"{MANIFEST} does not list {', '.join(missing)}"
+    for name, want in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_complete(root: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; ``report`` gets one line per skipped
+    one."""
+    for p in reversed(list_checkpoints(root)):
+        reason = verify_checkpoint(p)
+        if reason is None:
+            return p
+        if report is not None:
+            report(f"skipping checkpoint {p}: {reason}.")
+    return None
+
+
+def latest_complete_name(root: Path) -> str | None:
+    """The newest ``step-`` folder with a manifest (no checksums: for messages)."""
+    done = [p for p in list_checkpoints(root) if (p / MANIFEST).exists()]
+    return str(done[-1]) if done else None
 
 
 def load_checkpoint(
@@ -100,4 +283,7 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(
             [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
         )
+    if "python_random" in meta:
+        version, mt, gauss = meta["python_random"]
+        random.setstate((version, tuple(mt), gauss))
     return meta["loop"] | {"step": meta["step"]}

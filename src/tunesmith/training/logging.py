@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """The complete lines of a metrics file; a last line cut short by a crash is dropped."""
+    out = []
+    for ln in text.splitlines():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            continue
+    return out
 
 
 class MetricsLog:
@@ -16,13 +28,13 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            # Drop lines from after the checkpoint we resume from: they will be redone.
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            # Drop lines from after the checkpoint we resume from (they will be redone) and any
+            # line a crash cut short; replace the file in one rename, so a crash here loses
+            # nothing either.
+            kept = [r for r in _records(path.read_text()) if r.get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
         elif path.exists():
             path.unlink()
 
@@ -33,7 +45,7 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+        return _records(self.path.read_text())
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:

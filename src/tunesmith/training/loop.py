@@ -2,7 +2,10 @@
 
 The loop owns the optimiser, accumulation, precision, evaluation, checkpoints, logging and
 progress. The source is a replayable data set or a producer (rollouts); both resume exactly from
-the state saved in each checkpoint. An objective is any object with
+the state saved in each checkpoint. It also decides how a run stops early (``training.guard``): a
+SIGTERM / SIGINT finishes the current step, writes a checkpoint and raises ``Interrupted``; a
+step with a non-finite loss or gradient norm is never applied (skipped and counted, or the run
+stops, per ``train.nan_policy``). An objective is any object with
 
     count(batch) -> int                        # normaliser contribution (tokens, pairs, ...)
     __call__(model, batch) -> (loss_sum, metrics)
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,10 +28,12 @@ import torch
 from torch import nn
 
 from tunesmith.config import TrainConfig
+from tunesmith.console import say
 from tunesmith.data.batching import Batch, Batches, BatchSource
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import Method
-from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from tunesmith.training.guard import Interrupted, NanGuard, SignalGuard
 from tunesmith.training.logging import MetricsLog, progress
 from tunesmith.training.optim import build_optimizer, build_scheduler
 
@@ -78,6 +84,8 @@ class StepResult:
     metrics: dict[str, float]
     grad_norm: float
     tokens: int
+    applied: bool = True
+    """False when the loss or the gradient norm was NaN/inf: the update was dropped."""
 
 
 def train_step(
@@ -104,16 +112,31 @@ def train_step(
         (part / count).backward()
         loss_sum += float(part.detach())
         _add(metrics, m)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-    opt.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    applied = NanGuard.finite(loss_sum, grad_norm)
+    if applied:
+        opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return StepResult(
         loss_sum / count,
         {k: v / count for k, v in metrics.items()},
-        float(grad_norm),
+        grad_norm,
         sum(b.n_tokens for b in micro),
+        applied,
     )
+
+
+def retarget_lr(opt: torch.optim.Optimizer, sched: Any, lr: float) -> None:
+    """Give a restored optimiser and schedule the peak lr ``lr`` (the checkpoint carries the one
+    it was written with): a resumed run may lower it. Same lr: nothing changes, bit for bit."""
+    if all(base == lr for base in sched.base_lrs):
+        return
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    factors = [f(sched.last_epoch) for f in sched.lr_lambdas]
+    for group, f in zip(opt.param_groups, factors):
+        group["initial_lr"], group["lr"] = lr, lr * f
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 @torch.no_grad()
@@ -164,19 +187,42 @@ def train_loop(
     cfg: TrainConfig,
     output_dir: Path,
     device: torch.device,
-    resume: bool = False,
+    resume: bool | Path = False,
 ) -> LoopResult:
-    """Run the optimisation; checkpoints go to ``output_dir/checkpoints``."""
+    """Run the optimisation; checkpoints go to ``output_dir/checkpoints``.
+
+    ``resume`` is a checkpoint folder to continue from, or True for the newest complete one
+    under ``output_dir/checkpoints`` (with none, the run starts at step 0 and says so).
+    """
     steps = total_steps(cfg, source.micro_batches_per_epoch())
     params = [p for _, p in method.trainable_parameters()]
     opt = build_optimizer(method.trainable_parameters(), cfg, device)
     sched = build_scheduler(opt, cfg, steps)
     ckpt_root = output_dir / "checkpoints"
-    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "train_seconds": 0.0}
-    if resume and list_checkpoints(ckpt_root):
-        state = load_checkpoint(list_checkpoints(ckpt_root)[-1], method, opt, sched)
+    state: dict[str, Any] = {
+        "step": 0,
+        "micro_batches": 0,
+        "tokens": 0,
+        "train_seconds": 0.0,
+        "nan_steps": 0,
+        "nan_consecutive": 0,
+    }
+    start = resume if isinstance(resume, Path) else None
+    if resume is True:
+        start = latest_complete(ckpt_root, say)
+        if start is None:
+            say(f"--resume: no complete checkpoint in {ckpt_root} yet; starting from step 0.")
+    if start is not None:
+        state |= load_checkpoint(start, method, opt, sched)
         source.load_state_dict(state["source"])
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state["step"] if resume else None)
+        retarget_lr(opt, sched, cfg.lr)
+        say(f"resuming from {start} (step {state['step']} of {steps}).")
+    last_saved, saved_at = (str(start), state["step"]) if start is not None else (None, -1)
+    nan = NanGuard(cfg.nan_policy, cfg.max_nan_steps, state["nan_steps"])
+    nan.consecutive = state["nan_consecutive"]
+    log = MetricsLog(
+        output_dir / "metrics.jsonl", resume_step=state["step"] if start is not None else None
+    )
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -189,65 +235,103 @@ def train_loop(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_start, tokens_start = time.perf_counter(), state["tokens"]
+    t_mark = t_start
 
     def run_eval() -> dict[str, float]:
         return evaluate(model, objective, evals.one_pass(), device, cfg.precision, cfg.eval_batches)
 
     def checkpoint(step: int) -> None:
+        """Save at ``step``; the time spent writing is not training time."""
+        nonlocal last_saved, saved_at, t_mark
         state["train_seconds"] += time.perf_counter() - t_mark
         loop_state = {k: v for k, v in state.items() if k != "step"}
         loop_state["source"] = source.state_dict()
-        save_checkpoint(ckpt_root, step, method, opt, sched, loop_state, cfg.keep_checkpoints)
+        path = save_checkpoint(
+            ckpt_root, step, method, opt, sched, loop_state, cfg.keep_checkpoints
+        )
+        last_saved, saved_at, t_mark = str(path), step, time.perf_counter()
 
-    t_mark = t_start
     if evals is not None and cfg.eval_every and state["step"] == 0:
         log.write({"step": 0, **run_eval()})
-    for step in range(state["step"], steps):
-        micro = [next(stream) for _ in range(cfg.grad_accum)]
-        result = train_step(model, objective, micro, opt, sched, params, cfg, device)
-        loss = result.loss
-        state["tokens"] += result.tokens
-        state["micro_batches"] += cfg.grad_accum
-
-        done = step + 1
-        elapsed = state["train_seconds"] + time.perf_counter() - t_mark
-        tok_s = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
-        record = {
-            "step": done,
-            "epoch": round(source.epoch_of(state["micro_batches"] - 1), 4),
-            "loss": loss,
-            **result.metrics,
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": result.grad_norm,
-            "tokens": state["tokens"],
-            "tokens_per_s": tok_s,
-            "elapsed_s": elapsed,
-        }
-        if evals is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-            record.update(run_eval())
-            eval_metrics = {k: v for k, v in record.items() if k.startswith("eval_")}
-        if done % cfg.log_every == 0 or done == steps or "eval_loss" in record:
-            log.write(record)
-        bar.set_postfix(
-            loss=f"{loss:.4f}",
-            **(
-                {"acc": f"{result.metrics['accuracy']:.2f}"} if "accuracy" in result.metrics else {}
-            ),
-            tok_s=f"{tok_s:,.0f}",
-            **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
-        )
-        bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            checkpoint(done)
+    with SignalGuard() as guard:
+        for step in range(state["step"], steps):
+            if guard.requested:  # arrived while a checkpoint or an evaluation ran
+                break
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            result = train_step(model, objective, micro, opt, sched, params, cfg, device)
+            done = step + 1
+            nan.check(done, result.loss, result.grad_norm, last_saved)  # raises when it stops
+            if not result.applied:
+                say(
+                    f"step {done}: non-finite loss ({result.loss}) or gradient norm "
+                    f"({result.grad_norm}); step skipped ({nan.skipped} so far; "
+                    f"train.max_nan_steps={cfg.max_nan_steps} in a row stop the run)."
+                )
+            loss = result.loss
+            state.update(
+                step=done,
+                tokens=state["tokens"] + result.tokens,
+                micro_batches=state["micro_batches"] + cfg.grad_accum,
+                nan_steps=nan.skipped,
+                nan_consecutive=nan.consecutive,
+            )
+            elapsed = state["train_seconds"] + time.perf_counter() - t_mark
+            tok_s = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+            record = {
+                "step": done,
+                "epoch": round(source.epoch_of(state["micro_batches"] - 1), 4),
+                "loss": loss,
+                **result.metrics,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": result.grad_norm,
+                "tokens": state["tokens"],
+                "tokens_per_s": tok_s,
+                "elapsed_s": elapsed,
+                **({"nan_steps": nan.skipped} if nan.skipped else {}),
+                **({"skipped": True} if not result.applied else {}),
+            }
+            if evals is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+                record.update(run_eval())
+                eval_metrics = {k: v for k, v in record.items() if k.startswith("eval_")}
+            if (
+                done % cfg.log_every == 0
+                or done == steps
+                or "eval_loss" in record
+                or not result.applied
+            ):
+                log.write(record)
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                **(
+                    {"acc": f"{result.metrics['accuracy']:.2f}"}
+                    if "accuracy" in result.metrics
+                    else {}
+                ),
+                tok_s=f"{tok_s:,.0f}",
+                **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
+            )
+            bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                checkpoint(done)
+            if guard.requested:
+                break
+        if guard.requested:
+            bar.close()
+            at = state["step"]
+            if saved_at != at:
+                checkpoint(at)
+            raise Interrupted(
+                f"stopped by {signal.Signals(guard.signum).name} after step {at} of {steps}; checkpoint {last_saved} written",
+                guard.signum,
+            )
+        bar.close()
+        train_seconds = state["train_seconds"] + time.perf_counter() - t_mark
+        if evals is not None and evals.examples:
+            eval_metrics = run_eval()
+            log.write({"step": steps, **eval_metrics})
+        if cfg.save_every:
             t_mark = time.perf_counter()
-    bar.close()
-    train_seconds = state["train_seconds"] + time.perf_counter() - t_mark
-    if evals is not None and evals.examples:
-        eval_metrics = run_eval()
-        log.write({"step": steps, **eval_metrics})
-    if cfg.save_every:
-        t_mark = time.perf_counter()
-        checkpoint(steps)
+            checkpoint(steps)
     return LoopResult(
         steps=steps,
         final_train_loss=loss,
