@@ -118,7 +118,6 @@ def run_trl(model: str, data: str, out: str, steps: int, checkpointing: bool) ->
         learning_rate=LR,
         max_steps=steps,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.0,
         gradient_checkpointing=checkpointing,
         report_to="none",
         save_strategy="no",
