@@ -48,7 +48,15 @@ class DataConfig:
     eval: float | str | None = 0.05
     """Held-out split: a fraction of ``train`` (0 < f < 1), a file, or null for none."""
     format: Literal[
-        "auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt", "preference", "labeled"
+        "auto",
+        "text",
+        "prompt_completion",
+        "alpaca",
+        "chat",
+        "sharegpt",
+        "preference",
+        "labeled",
+        "prompt",
     ] = "auto"
     """Record format. ``auto`` picks it from the fields of the first record and says what it chose.
     ``sharegpt`` (``conversations`` of ``from``/``value`` turns) loads as ``chat``."""

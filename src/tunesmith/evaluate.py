@@ -26,7 +26,7 @@ from tunesmith.models import (
     resolve_model_path,
 )
 from tunesmith.tasks import Context, get_task
-from tunesmith.tasks.base import held_out
+from tunesmith.tasks.base import record_counts
 from tunesmith.training.loop import evaluate
 
 
@@ -66,7 +66,7 @@ def evaluate_target(
         raise TunesmithError(f"{target}: neither a tunesmith run folder nor a config file.")
     task = get_task(cfg.task)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
-    if not data.eval:
+    if not record_counts(data, task.records)[1]:
         raise TunesmithError(
             "data.eval: the config has no held-out split to evaluate on; set data.eval to a fraction or a file."
         )
@@ -83,9 +83,9 @@ def evaluate_target(
             cfg.model, device, head=task.head, extra=head_kwargs(cfg, task.head)
         ),
     )
-    batches = held_out(ctx)
+    batches = task.evals(ctx)
     out: dict[str, Any] = {
-        f"eval_{task.records.unit}": len(data.eval) // task.records.group,
+        f"eval_{task.records.unit}": record_counts(data, task.records)[1],
         **evaluate(model, task.objective(ctx), batches.one_pass(), device, cfg.train.precision),
     }
     if task.extra_eval is not None:

@@ -39,6 +39,9 @@ class Head:
     alone loads it."""
     peft_task_type: str = "CAUSAL_LM"
     """The task type PEFT artifacts of this head declare."""
+    attach: Any = None
+    """``attach(model)`` adds the new modules the Auto class does not build (e.g. a value head on
+    a causal LM), right after loading; None when the Auto class builds them all."""
     from_config: Callable[[Config], dict[str, Any]] | None = None
     """``from_pretrained`` arguments that depend on the run's config (a classifier's classes)."""
 
@@ -53,6 +56,26 @@ def class_kwargs(cfg: Config) -> dict[str, Any]:
         "id2label": dict(enumerate(labels)),
         "label2id": {name: i for i, name in enumerate(labels)},
     }
+
+
+class ValueHead(nn.Linear):
+    """V(s_t) = w . h_t + b on the backbone's final hidden state: PPO's value model sharing the
+    policy's backbone. Zero-initialised, so every value starts at 0 and the first advantages are
+    the returns themselves. A linear layer marked as a task head: methods never wrap it."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.tunesmith_head = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1)
+
+
+def attach_value_head(model: nn.Module) -> None:
+    """Give a causal LM a ``value_head`` (kept in float32 whatever the backbone's dtype)."""
+    model.value_head = ValueHead(model.config.hidden_size).to(model.device)
 
 
 HEADS: dict[str, Head] = {
@@ -75,6 +98,8 @@ HEADS: dict[str, Head] = {
         peft_task_type="SEQ_CLS",
         from_config=class_kwargs,
     ),
+    # A causal LM plus a scalar value per position (PPO): saved as the LM with the head beside it.
+    "value": Head("AutoModelForCausalLM", new_modules=("value_head",), attach=attach_value_head),
 }
 
 
@@ -179,6 +204,8 @@ def load_model(
         model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
+    if spec.attach is not None:
+        spec.attach(model)
     for name in spec.new_modules:  # methods never wrap a task head: it trains whole
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True

@@ -36,7 +36,7 @@ from tunesmith.models import (
 )
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
-from tunesmith.tasks.base import held_out
+from tunesmith.tasks.base import record_counts
 from tunesmith.training.checkpoint import (
     io_reason,
     latest_complete,
@@ -211,10 +211,11 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         out=out,
     )
     trainable, total = parameter_counts(model, method)
-    unit, group = task.records.unit, task.records.group
+    unit = task.records.unit
+    n_train, n_eval = record_counts(data, task.records)
     say(
         f"{cfg.task} with {cfg.method.name} on {cfg.model.name}: {trainable:,} of {total:,} parameters train "
-        f"({100 * trainable / total:.2f}%); {len(data.train) // group} train / {len(data.eval) // group} eval {unit}, "
+        f"({100 * trainable / total:.2f}%); {n_train} train / {n_eval} eval {unit}, "
         f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), device {device}"
     )
     wrapped = method.wrapped_modules()
@@ -223,7 +224,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         say(f"{method.name} wraps {len(wrapped)} modules ({', '.join(kinds)})")
     objective = task.objective(ctx)
     source = task.source(ctx)
-    return Run(task, ctx, objective, source, held_out(ctx), base_path, trainable, total, start)
+    return Run(task, ctx, objective, source, task.evals(ctx), base_path, trainable, total, start)
 
 
 def run_training(cfg: Config, resume: bool = False) -> RunResult:
@@ -261,7 +262,7 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
         "peak_memory_mb": result.peak_memory_mb,
         "trainable_params": run.trainable,
         "total_params": run.total,
-        f"train_{task.records.unit}": len(ctx.data.train) // task.records.group,
+        f"train_{task.records.unit}": record_counts(ctx.data, task.records)[0],
         "truncated": ctx.data.stats.truncated,
     }
     if isinstance(run.source, Batches):
@@ -281,7 +282,7 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
         info.update(metrics)
     try:
         save_artifacts(ctx, task, run.base_path, info)
-        write_report(ctx.out, ctx.cfg, info, result.history, section)
+        write_report(ctx.out, ctx.cfg, info, result.history, section, series=task.report_series)
     except (OSError, SafetensorError) as e:
         last = latest_complete_name(ctx.out / "checkpoints")
         kept = (

@@ -35,6 +35,19 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
     """Rendered examples of the first ``n`` records of the task's ``kind``, and statistics."""
     tokenizer = load_tokenizer(cfg.model, model_path)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, kind)
+    if not kind.tokenized:  # prompts: the responses are the policy's own, sampled in training
+        from tunesmith.data.formats import prompt_of
+
+        lines = [
+            f"data: {cfg.data.train} (format {data.format}): {len(data.train_records):,} train, "
+            f"{len(data.eval_records):,} eval {kind.unit}; the policy continues each rendered prompt",
+        ]
+        for rec in data.train_records[:n]:
+            rendered, _, ref = prompt_of(rec, data.format, tokenizer, data.template)
+            lines += ["", f"--- {rec.origin}", rendered]
+            if ref is not None:
+                lines.append(f"(reference answer: {ref})")
+        return "\n".join(lines)
     group = kind.group
     s = data.stats
     lines = [

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from tunesmith.config import Config
-from tunesmith.training.logging import plot_loss
+from tunesmith.training.logging import plot_loss, plot_series
 
 
 def _fmt(v: Any) -> str:
@@ -20,11 +20,20 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(
-    out: Path, cfg: Config, info: dict[str, Any], history: list[dict[str, Any]], extra: str = ""
+    out: Path,
+    cfg: Config,
+    info: dict[str, Any],
+    history: list[dict[str, Any]],
+    extra: str = "",
+    series: tuple[str, ...] = (),
 ) -> Path:
-    plot_loss(
-        history, out / "loss.png", title=f"{cfg.task} / {cfg.method.name} on {cfg.model.name}"
-    )
+    """report.md with the loss curve, and one panel per logged metric in ``series`` (rl.png)."""
+    title = f"{cfg.task} / {cfg.method.name} on {cfg.model.name}"
+    plot_loss(history, out / "loss.png", title=title)
+    shown = [k for k in series if any(k in r for r in history)]
+    if shown:
+        plot_series(history, shown, out / "rl.png", title=title)
+        extra = f"![training metrics](rl.png)\n\n{extra}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.items())
     text = (
         f"# tunesmith run: {cfg.task} with {cfg.method.name}\n\n"

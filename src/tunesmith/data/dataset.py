@@ -257,6 +257,12 @@ def prepare_data(
     train_records = convert_records(train_records, fmt, cfg.skip_bad_rows, pre)
     eval_records = convert_records(eval_records, fmt, True)
     fmt = LOADS_AS.get(fmt, fmt)
+    if not kind.tokenized:  # rows are produced while training (e.g. sampled responses)
+        if not train_records:
+            raise DataError(f"{cfg.train}: no records to train on.")
+        return PreparedData(
+            fmt, template, [], [], train_records, eval_records, pre, TokenStats(), notes
+        )
     encode = kind.encode or tokenize_records  # a kind may encode its records itself
     train, stats = encode(train_records, fmt, cfg, tokenizer, template, cfg.skip_bad_rows)
     stats.skipped_bad += pre.skipped_bad

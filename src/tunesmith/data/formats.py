@@ -16,6 +16,8 @@ Formats (``format: auto`` picks by fields):
 - ``text``: ``{"text": ...}``; everything is supervised (plain language modelling).
 - ``labeled``: ``{"text", "text_pair" (optional), "label"}`` for sequence classification; encoded
   by ``tunesmith.data.labeled`` (the tokenizer's own pair layout), not rendered into segments.
+- ``prompt``: ``{"prompt": ...}`` alone (a string or a list of chat messages): prompts for online
+  RL, which samples its own responses (nothing to supervise, so no other task trains on it).
 - ``preference``: ``{"prompt", "chosen", "rejected"}`` (strings, or lists of chat messages), or the
   implicit form where ``chosen`` and ``rejected`` are whole conversations sharing a prefix. It
   renders into two examples whose responses (with their end token) are scored; the prompt is not.
@@ -66,9 +68,19 @@ REQUIRED = {
     "alpaca": ("instruction", "output"),
     "text": ("text",),
     "labeled": ("text", "label"),
+    "prompt": ("prompt",),
 }
 # Checked in this order by format: auto.
-DETECT_ORDER = ("preference", "chat", "sharegpt", "prompt_completion", "alpaca", "labeled", "text")
+DETECT_ORDER = (
+    "preference",
+    "chat",
+    "sharegpt",
+    "prompt_completion",
+    "alpaca",
+    "labeled",
+    "text",
+    "prompt",
+)
 
 # ShareGPT speaker names (``from``) and the chat role each becomes.
 SHAREGPT_ROLES = {
@@ -397,6 +409,75 @@ def prompt_and_reference(
     raise DataError(
         f"{record.origin}: format 'text' has no prompt/answer split for generation metrics."
     )
+
+
+def prompt_of(
+    record: Record, fmt: str, tokenizer: Any, template: str | None
+) -> tuple[str, str | list[dict], str | None]:
+    """(rendered prompt, prompt as written, reference answer or None) of any prompt-bearing record.
+
+    The rendered prompt is what the policy continues (a conversation through the chat template
+    with the generation prompt); the prompt as written goes to reward functions; the reference
+    (the completion, the last assistant turn, the chosen response) scores exact match.
+    """
+    check_fields(record, fmt)
+    f = record.fields
+
+    def chat(msgs: Any) -> str:
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+        ):
+            raise DataError(
+                f"{record.origin}: a prompt must be a string or a list of {{role, content}} messages."
+            )
+        if template is None:
+            raise ConfigError(
+                "data.template: the tokenizer has no chat template, so chat prompts cannot be rendered; set data.template=chatml (or a .jinja file)."
+            )
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    def text(value: Any) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            return value[-1].get("content")
+        raise DataError(
+            f"{record.origin}: cannot read a reference answer from {type(value).__name__}."
+        )
+
+    if fmt == "chat":
+        msgs = f["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{record.origin}: 'messages' must be a non-empty list of messages.")
+        answers = [
+            i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"
+        ]
+        if answers and answers[-1] == len(msgs) - 1:  # the last assistant turn is the answer
+            head = msgs[: answers[-1]]
+            return chat(head), head, text(msgs[-1]["content"])
+        return chat(msgs), msgs, None
+    if fmt == "alpaca":
+        inp = f.get("input") or ""
+        layout = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
+        rendered = layout.format(instruction=_text(record, "instruction"), input=inp)
+        return rendered, rendered, _text(record, "output")
+    if fmt in ("prompt", "prompt_completion", "preference"):
+        prompt = f.get("prompt")
+        reference = text(f.get("completion") if fmt == "prompt_completion" else f.get("chosen"))
+        if prompt is None and fmt == "preference":  # implicit prompt: the shared prefix
+            raise DataError(
+                f"{record.origin}: a preference row without 'prompt' cannot give a prompt for RL; add the 'prompt' field."
+            )
+        if isinstance(prompt, str):
+            if not prompt:
+                raise DataError(f"{record.origin}: an empty prompt has nothing to condition on.")
+            return prompt, prompt, reference
+        return chat(prompt), prompt, reference
+    raise DataError(f"{record.origin}: format '{fmt}' has no prompt to answer.")
 
 
 def _blank(value: Any) -> bool:

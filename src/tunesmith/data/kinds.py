@@ -32,6 +32,9 @@ class RecordKind:
     text: the tokenizer's pair layout, a class id per record)."""
     token_targets: bool = True
     """Whether examples carry next-token targets (and the end-of-sequence pre-flight applies)."""
+    tokenized: bool = True
+    """Whether the pipeline tokenises records into training rows; False for kinds whose rows are
+    produced while training (prompts: the responses are sampled by the policy)."""
 
     @property
     def group(self) -> int:
@@ -67,4 +70,12 @@ LABELED = RecordKind(
     packable=False,
     encode=_encode_labeled,
     token_targets=False,
+)
+PROMPTS = RecordKind(
+    "prompts",
+    ("prompt", "chat", "prompt_completion", "alpaca", "preference"),
+    unit="prompts",
+    describe="prompts to answer (prompt-only, chat, prompt/completion, alpaca or preference rows)",
+    packable=False,
+    tokenized=False,
 )

@@ -11,7 +11,7 @@ plus its import in ``tunesmith/tasks/__init__.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Context:
     starting_model: Callable[[], nn.Module]
     """Loads a fresh copy of the model training started from (a frozen reference, a teacher)."""
     out: Path | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Objects a task's factories build once and share (a reward model, a reference policy)."""
 
 
 def replayable(ctx: Context) -> BatchSource:
@@ -77,6 +79,14 @@ def held_out(ctx: Context) -> Batches | None:
     )
 
 
+def record_counts(data: PreparedData, kind: RecordKind) -> tuple[int, int]:
+    """(train, held-out) records of ``kind`` that training uses: tokenised groups, or the records
+    themselves for kinds whose rows are produced while training."""
+    if kind.tokenized:
+        return len(data.train) // kind.group, len(data.eval) // kind.group
+    return len(data.train_records), len(data.eval_records)
+
+
 def resolve_packing(setting: bool | str, method: Method | None, kind: RecordKind) -> bool:
     """``data.packing`` for this method and record kind: ``auto`` packs when both allow it."""
     allowed = kind.packable and (method is None or method.packing_ok)
@@ -107,6 +117,9 @@ class Task:
     """Validation across sections, run when a config naming this task is loaded."""
     source: Callable[[Context], BatchSource] = replayable
     """Builds the training batch source: the data set (default) or a producer such as rollouts."""
+    evals: Callable[[Context], Any] = held_out
+    """Builds the held-out batches the objective scores (``one_pass()``, ``examples``), or None:
+    the held-out split (default) or, for RL, held-out prompts answered by the policy."""
     loop: str = "supervised"
     """The loop that runs it, a name in ``tunesmith.training.loop.LOOPS``."""
     extra_eval: Callable[[Context, int], dict[str, Any]] | None = None
@@ -116,6 +129,8 @@ class Task:
     """Held-out metrics a comparison of methods shows, besides the measurements of the run."""
     base_comparable: bool = False
     """Whether the untrained starting model can be scored too (a baseline row in comparisons)."""
+    report_series: tuple[str, ...] = ()
+    """Logged metrics the run report plots, one panel each, beside the loss curve."""
     rising: tuple[str, ...] = ()
     """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
     prepare: Callable[[Config], None] | None = None

@@ -91,3 +91,29 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_series(
+    records: list[dict[str, Any]], keys: list[str], path: Path, title: str = ""
+) -> None:
+    """One small panel per logged metric (its value at every step that logged it), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, "o-" if len(xs) < 20 else "-", lw=1.5, ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

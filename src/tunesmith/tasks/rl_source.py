@@ -1,0 +1,560 @@
+"""Online RL through the task contract: prompts in, rollouts out, scored and turned into batches.
+
+``task: grpo`` and ``task: ppo`` share everything here and differ only in how a scored rollout
+becomes advantages (``Advantages``: group-relative for GRPO / RLOO, GAE on KL-penalised rewards
+for PPO). One rollout batch is made while training, from the current policy:
+
+    prompts (train.batch_size of them, each repeated group_size times)
+      -> rollout(policy, temperature, top_p, max_new_tokens, stop at the end token)   [KV cache]
+      -> scores = reward(prompts, completions) - missing_end_penalty * [no end token]
+      -> one no-grad pass: log pi_old (and V_old for PPO); log pi_ref when a KL is wanted
+      -> advantages -> RLBatch
+      -> epochs x minibatches optimiser steps, each of grad_accum micro-batches
+
+The reference pi_ref is the starting model: the policy with its method disabled when the method
+has a frozen base (no second copy), else a frozen copy loaded once. The loop sees an ordinary
+batch source (``Rollouts``) and objective (``RLObjective``); resume is exact because the source's
+state holds the prompt order position, the sampling generator, the KL controller and the
+micro-batches of the current rollout batch not yet trained on.
+
+Held out, the policy answers held-out prompts greedily (``HeldOutPrompts``): ``eval_reward`` is
+their mean reward, ``eval_exact_match`` the share equal to the record's reference answer (when the
+records have one), and ``eval_loss`` is minus the mean reward.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from tunesmith.config import Config
+from tunesmith.data.formats import prompt_of
+from tunesmith.data.io import Record
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.generate import normalise
+from tunesmith.objectives.ppo import ClippedPolicyObjective, RLBatch
+from tunesmith.rewards import RewardSource, load_reward, missing_end_penalty
+from tunesmith.tasks.base import Context
+from tunesmith.training.rollout import response_logps, rollout
+
+RL_SERIES = (
+    "reward_mean",
+    "reward_std",
+    "eval_reward",
+    "eval_exact_match",
+    "kl_ref_seq",
+    "entropy",
+    "clip_frac",
+    "response_len",
+)
+"""What the run report plots for an RL task (``Task.report_series``)."""
+
+
+@dataclass
+class RLConfig:
+    """Settings shared by ``grpo:`` and ``ppo:`` (each task's section adds its own)."""
+
+    reward: str = "builtin:arith"
+    """The reward: a ``task: reward`` run folder, ``builtin:arith``, or a Python function
+    ``"my_module:score"`` (called with prompts and completions, returning one float each)."""
+    missing_end_penalty: float = 0.0
+    """Subtracted from the reward of a response cut at max_new_tokens (no end token)."""
+    group_size: int = 4
+    """Responses sampled per prompt; a rollout batch is train.batch_size prompts x group_size."""
+    max_new_tokens: int = 32
+    """Longest sampled response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the update uses the same distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    minibatches: int = 1
+    """Optimiser steps per pass over a rollout batch; train.max_steps counts these steps."""
+    clip_eps: float = 0.2
+    """Clip range of the probability ratio pi / pi_old."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference (0: none, and no reference is computed for ``full``)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (Schulman's k1 / k2 / k3)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: none)."""
+    eval_prompts: int = 128
+    """Held-out prompts answered greedily at each evaluation."""
+    samples_every: int = 10
+    """Write a few rollouts with their rewards to samples.jsonl every N rollout batches (0: never)."""
+    samples_count: int = 4
+    """Rollouts written each time."""
+
+
+def check_rl(section: RLConfig, name: str, cfg: Config) -> None:
+    """Cross-section validation shared by the RL tasks."""
+    for key in ("group_size", "max_new_tokens", "epochs", "minibatches", "eval_prompts"):
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{name}.{key}: must be at least 1, got {getattr(section, key)}.")
+    if section.temperature < 0 or not 0 < section.top_p <= 1:
+        raise ConfigError(f"{name}.temperature must be >= 0 and {name}.top_p in (0, 1].")
+    if cfg.train.max_steps is None:
+        raise ConfigError(
+            f"train.max_steps: {name} makes its batches while it trains (no epochs over a data set); "
+            f"set train.max_steps (optimiser steps; each rollout batch gives {name}.epochs x {name}.minibatches)."
+        )
+    rows = cfg.train.batch_size * section.group_size
+    if rows < section.minibatches * cfg.train.grad_accum:
+        raise ConfigError(
+            f"{name}.minibatches: {rows} responses per rollout batch cannot fill {section.minibatches} "
+            f"mini-batches of train.grad_accum={cfg.train.grad_accum} micro-batches; lower them or raise train.batch_size."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompts:
+    """Prompt-bearing records as the policy sees them and as a reward function sees them."""
+
+    rendered: list[str]
+    raw: list[Any]
+    references: list[str | None]
+    fields: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.rendered)
+
+    def take(self, idx: Sequence[int]) -> Prompts:
+        return Prompts(
+            [self.rendered[i] for i in idx],
+            [self.raw[i] for i in idx],
+            [self.references[i] for i in idx],
+            [self.fields[i] for i in idx],
+        )
+
+
+def read_prompts(records: list[Record], ctx: Context) -> Prompts:
+    out = Prompts([], [], [], [])
+    for rec in records:
+        rendered, raw, ref = prompt_of(rec, ctx.data.format, ctx.tokenizer, ctx.data.template)
+        if not ctx.tokenizer(rendered, add_special_tokens=False)["input_ids"]:
+            raise DataError(f"{rec.origin}: the prompt renders to no tokens.")
+        out.rendered.append(rendered)
+        out.raw.append(raw)
+        out.references.append(ref)
+        out.fields.append(rec.fields)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference policy and the value tap
+
+
+LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def reference_logps(ctx: Context, temperature: float) -> LogProbs:
+    """log pi_ref of response tokens: the policy with its method disabled when the method keeps a
+    frozen base (no second copy), else a frozen copy of the starting model, loaded once."""
+    method = ctx.method
+    if method is not None and method.frozen_base:
+
+        def disabled(
+            model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, R: int
+        ) -> torch.Tensor:
+            with method.disable():
+                return response_logps(model, ids, mask, R, temperature)[0]
+
+        return disabled
+    frozen = ctx.starting_model().eval().requires_grad_(False)
+
+    def copy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
+        return response_logps(frozen, ids, mask, R, temperature)[0]
+
+    return copy
+
+
+class ValueTap:
+    """V at each response token from the policy's own forward pass (no second pass): a hook on
+    the backbone keeps its final hidden state, and the model's ``value_head`` reads it at the
+    positions whose logits predict the response tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.head = model.value_head
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.hidden: torch.Tensor | None = None
+        backbone.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.hidden = output[0]
+
+    def __call__(self, model: nn.Module, batch: RLBatch) -> torch.Tensor:
+        if self.hidden is None:
+            raise RuntimeError("ValueTap: read before a forward pass of the policy.")
+        R = batch.response_mask.shape[1]
+        hidden, self.hidden = self.hidden[:, -(R + 1) : -1], None  # (B, R, H)
+        return self.head(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages: where GRPO and PPO differ
+
+
+@dataclass
+class Scored:
+    """A rollout batch after the no-grad pass: what an ``Advantages`` turns into an RLBatch."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor  # (B, P + R) attention mask
+    response_mask: torch.Tensor  # (B, R)
+    scores: torch.Tensor  # (B,)
+    logps: torch.Tensor  # (B, R) log pi_old
+    ref_logps: torch.Tensor | None
+    values: torch.Tensor | None
+
+
+class Advantages(Protocol):
+    def __call__(self, s: Scored) -> tuple[RLBatch, dict[str, float]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The producer
+
+
+@dataclass
+class RLMicroBatch:
+    """A micro-batch of an RL update with its rollout batch's statistics (logged per step)."""
+
+    rl: RLBatch
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> RLMicroBatch:
+        return RLMicroBatch(self.rl.to(device), self.stats)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.rl.n_tokens
+
+
+def _encode(obj: Any) -> str:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _decode(text: str) -> Any:
+    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=False)
+
+
+class Rollouts:
+    """A batch source that samples from the current policy while training (``BatchSource``)."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        settings: RLConfig,
+        reward: RewardSource,
+        advantages: Advantages,
+        reference: LogProbs | None,
+        values: ValueTap | None,
+    ) -> None:
+        self.ctx, self.s, self.reward = ctx, settings, reward
+        self.advantages, self.reference, self.values = advantages, reference, values
+        self.prompts = read_prompts(ctx.data.train_records, ctx)
+        self.seed = ctx.cfg.train.seed
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.rollouts = 0  # rollout batches made so far
+        self.position = 0  # prompts handed out so far
+        self.pending: list[RLMicroBatch] = []
+        self.samples_path = ctx.out / "samples.jsonl" if ctx.out is not None else None
+
+    # -- BatchSource
+
+    def micro_batches_per_epoch(self) -> int | None:
+        return None
+
+    def epoch_of(self, micro_batch: int) -> float:
+        per_rollout = self.s.epochs * self.s.minibatches * self.ctx.cfg.train.grad_accum
+        prompts = (micro_batch + 1) / per_rollout * self.ctx.cfg.train.batch_size
+        return prompts / len(self.prompts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rollouts": self.rollouts,
+            "position": self.position,
+            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode(),
+            "advantages": self.advantages.state_dict(),
+            "pending": _encode([(m.rl, m.stats) for m in self.pending]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollouts, self.position = int(state["rollouts"]), int(state["position"])
+        raw = base64.b64decode(state["generator"])
+        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        self.advantages.load_state_dict(state["advantages"])
+        self.pending = [RLMicroBatch(rl, stats) for rl, stats in _decode(state["pending"])]
+
+    def stream(self) -> Iterator[RLMicroBatch]:
+        while True:
+            if not self.pending:
+                self.pending = self.produce()
+            yield self.pending.pop(0)
+
+    # -- one rollout batch
+
+    def next_prompts(self) -> list[int]:
+        """The next train.batch_size prompt indices, epoch after epoch in a seeded order."""
+        n, out = len(self.prompts), []
+        for _ in range(self.ctx.cfg.train.batch_size):
+            epoch, k = divmod(self.position, n)
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(order[k])
+            self.position += 1
+        return out
+
+    @torch.no_grad()
+    def produce(self) -> list[RLMicroBatch]:
+        s, ctx, model = self.s, self.ctx, self.ctx.model
+        G = s.group_size
+        chosen = self.prompts.take([i for i in self.next_prompts() for _ in range(G)])
+        out = rollout(
+            model,
+            ctx.tokenizer,
+            chosen.rendered,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            generator=self.generator,
+            return_logps=False,
+        )
+        scores = self.reward(chosen.raw, out.completions, chosen.fields)
+        scores = missing_end_penalty(scores, out.ended.tolist(), s.missing_end_penalty)
+        ids, mask, rmask = out.input_ids, out.attention_mask, out.response_mask
+        R = rmask.shape[1]
+        was_training = model.training
+        model.eval()
+        try:
+            logps, _ = response_logps(model, ids, mask, R, s.temperature)
+            values = (
+                self.values(model, RLBatch(ids, mask, rmask, logps, logps)) if self.values else None
+            )
+            ref = self.reference(model, ids, mask, R) if self.reference else None
+        finally:
+            model.train(was_training)
+        m = rmask.float()
+        scored = Scored(
+            ids,
+            mask,
+            rmask,
+            torch.tensor(scores, device=ids.device),
+            logps * m,
+            None if ref is None else ref * m,
+            None if values is None else values * m,
+        )
+        batch, stats = self.advantages(scored)
+        lengths = m.sum(-1)
+        t = torch.tensor(scores)
+        stats = {
+            "reward_mean": float(t.mean()),
+            "reward_std": float(t.std()) if len(t) > 1 else 0.0,
+            "response_len": float(lengths.mean()),
+            "ended": float(out.ended.float().mean()),
+            **stats,
+        }
+        if (
+            scored.ref_logps is not None
+        ):  # k1 summed over a response: KL[pi_old || pi_ref] per response
+            stats["kl_ref_seq"] = float(((scored.logps - scored.ref_logps) * m).sum(-1).mean())
+        self.write_samples(chosen, out.completions, scores)
+        self.rollouts += 1
+        return self.split(batch, stats)
+
+    def split(self, batch: RLBatch, stats: dict[str, float]) -> list[RLMicroBatch]:
+        """epochs x minibatches x grad_accum micro-batches, rows shuffled per epoch (seeded)."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.rollouts)
+        micro = []
+        for _ in range(self.s.epochs):
+            perm = torch.randperm(len(batch), generator=g)
+            for mini in torch.tensor_split(perm, self.s.minibatches):
+                for part in torch.tensor_split(mini, self.ctx.cfg.train.grad_accum):
+                    micro.append(RLMicroBatch(batch.select(part), stats))
+        return micro
+
+    def write_samples(self, prompts: Prompts, completions: list[str], scores: list[float]) -> None:
+        s = self.s
+        if self.samples_path is None or not s.samples_every or self.rollouts % s.samples_every:
+            return
+        with self.samples_path.open("a") as f:
+            for k in range(min(s.samples_count, len(completions))):
+                i = k * s.group_size % len(completions)  # one response of each of a few prompts
+                row = {
+                    "rollout": self.rollouts,
+                    "prompt": prompts.raw[i],
+                    "completion": completions[i],
+                    "reward": scores[i],
+                }
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out prompts and the objective the loop calls
+
+
+@dataclass
+class PromptBatch:
+    """Held-out prompts to answer (a batch for ``evaluate``)."""
+
+    prompts: Prompts
+    n_tokens: int = 0
+
+    def to(self, device: torch.device) -> PromptBatch:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class HeldOutPrompts:
+    """The held-out prompts in a fixed order, in batches (the task's ``evals``)."""
+
+    def __init__(self, prompts: Prompts, batch_size: int) -> None:
+        self.examples, self.batch_size = prompts, batch_size
+
+    def one_pass(self) -> Iterator[PromptBatch]:
+        n = len(self.examples)
+        for k in range(0, n, self.batch_size):
+            yield PromptBatch(self.examples.take(range(k, min(k + self.batch_size, n))))
+
+
+def held_out_prompts(section: str) -> Callable[[Context], HeldOutPrompts | None]:
+    def build(ctx: Context) -> HeldOutPrompts | None:
+        if not ctx.data.eval_records:
+            return None
+        s = getattr(ctx.cfg, section)
+        prompts = read_prompts(ctx.data.eval_records[: s.eval_prompts], ctx)
+        return HeldOutPrompts(prompts, 64)
+
+    return build
+
+
+class RLObjective:
+    """The loop's objective for an RL task: the clipped policy update on rollout micro-batches,
+    and held-out scoring of greedy answers on prompt batches.
+
+    On a rollout micro-batch, the rollout batch's statistics (reward mean, response length, KL
+    coefficient, ...) are returned scaled by the micro-batch's token count: the loop divides the
+    step's metric sums by the step's count, so they come out as the statistic itself.
+    """
+
+    def __init__(
+        self,
+        policy: ClippedPolicyObjective | None,
+        reward: RewardSource,
+        tokenizer: Any,
+        max_new_tokens: int,
+    ) -> None:
+        self.policy, self.reward, self.tokenizer = policy, reward, tokenizer
+        self.max_new_tokens = max_new_tokens
+
+    def count(self, batch: RLMicroBatch | PromptBatch) -> int:
+        if isinstance(batch, PromptBatch):
+            return len(batch)
+        return self.policy.count(batch.rl)
+
+    def __call__(
+        self, model: nn.Module, batch: RLMicroBatch | PromptBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if isinstance(batch, PromptBatch):
+            return self.score(model, batch.prompts)
+        if self.policy is None:
+            raise RuntimeError("this objective only scores held-out prompts.")
+        loss, metrics = self.policy(model, batch.rl)
+        n = self.policy.count(batch.rl)
+        metrics.update({k: v * n for k, v in batch.stats.items()})
+        return loss, metrics
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, prompts: Prompts) -> tuple[torch.Tensor, dict[str, float]]:
+        """Greedy answers to held-out prompts: sums of reward, exact match and length."""
+        out = rollout(model, self.tokenizer, prompts.rendered, self.max_new_tokens, temperature=0.0)
+        rewards = self.reward(prompts.raw, out.completions, prompts.fields)
+        metrics = {
+            "reward": float(sum(rewards)),
+            "response_len": float(out.response_mask.sum()),
+            "ended": float(out.ended.sum()),
+        }
+        if all(r is not None for r in prompts.references):
+            metrics["exact_match"] = float(
+                sum(
+                    normalise(c) == normalise(r)
+                    for c, r in zip(out.completions, prompts.references)
+                )
+            )
+        return torch.tensor(-sum(rewards)), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Factories for a task's declaration
+
+
+def _shared(ctx: Context, section: str) -> dict[str, Any]:
+    """The reward, the reference and the value tap of a run, built once for objective and source."""
+    if "rl" not in ctx.shared:
+        s: RLConfig = getattr(ctx.cfg, section)
+        parts: dict[str, Any] = {"reward": load_reward(s.reward, ctx.device), "values": None}
+        if ctx.training:
+            free = ctx.method is not None and ctx.method.frozen_base
+            parts["reference"] = (
+                reference_logps(ctx, s.temperature) if s.kl_coef > 0 or free else None
+            )
+            if hasattr(ctx.model, "value_head"):
+                parts["values"] = ValueTap(ctx.model)
+        ctx.shared["rl"] = parts
+    return ctx.shared["rl"]
+
+
+def rl_objective(section: str, kl_in_loss: bool) -> Callable[[Context], RLObjective]:
+    """The objective factory of an RL task: the KL to the reference goes in the loss (GRPO) or in
+    the rewards (PPO); a model with a ``value_head`` adds the clipped value loss."""
+
+    def build(ctx: Context) -> RLObjective:
+        s: RLConfig = getattr(ctx.cfg, section)
+        parts = _shared(ctx, section)
+        policy = None
+        if ctx.training:
+            policy = ClippedPolicyObjective(
+                clip_eps=s.clip_eps,
+                kl_coef=s.kl_coef if kl_in_loss else 0.0,
+                kl_estimator=s.kl_estimator,
+                entropy_coef=s.entropy_coef,
+                temperature=s.temperature,
+                value_fn=parts["values"],
+                value_coef=getattr(s, "value_coef", 0.0),
+                value_clip=getattr(s, "value_clip", 0.2),
+            )
+        return RLObjective(policy, parts["reward"], ctx.tokenizer, s.max_new_tokens)
+
+    return build
+
+
+def rl_source(
+    section: str, advantages: Callable[[Any], Advantages]
+) -> Callable[[Context], Rollouts]:
+    """The batch-source factory of an RL task: rollouts of the current policy."""
+
+    def build(ctx: Context) -> Rollouts:
+        s: RLConfig = getattr(ctx.cfg, section)
+        parts = _shared(ctx, section)
+        return Rollouts(ctx, s, parts["reward"], advantages(s), parts["reference"], parts["values"])
+
+    return build
