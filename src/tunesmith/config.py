@@ -465,7 +465,7 @@ def load_config(
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror}).") from None
         except UnicodeDecodeError:
-            from tunesmith.data.io import bad_utf8
+            from tunesmith.textfiles import bad_utf8
 
             raise ConfigError(bad_utf8(path) + ".") from None
         except ValueError as e:  # a NUL in the path

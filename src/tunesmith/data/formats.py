@@ -199,7 +199,7 @@ def resolve_template(template: str | None, tokenizer: Any) -> str | None:
         except OSError as e:
             raise ConfigError(f"data.template: cannot read {path} ({e.strerror}).") from None
         except UnicodeDecodeError:
-            from tunesmith.data.io import bad_utf8
+            from tunesmith.textfiles import bad_utf8
 
             raise ConfigError(f"data.template: {bad_utf8(path)}.") from None
     raise ConfigError(

@@ -58,6 +58,8 @@ from typing import Any, Protocol
 
 import torch
 
+from tunesmith.training.rollout import entropy_from_logits  # noqa: F401  (part of the RL maths API)
+
 # ----------------------------------------------------------------------------------------------
 # Masked reductions
 
@@ -294,12 +296,6 @@ GROUP_ADVANTAGES: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] 
 
 # ----------------------------------------------------------------------------------------------
 # Losses: each returns (sum over masked tokens, metric sums over masked tokens)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = -sum_v p_v log p_v over the last dimension: (..., V) -> (...)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def clipped_policy_loss(

@@ -30,7 +30,6 @@ from torch import nn
 
 from tunesmith.data.dataset import end_token_ids
 from tunesmith.methods.virtual_tokens import cache_argument
-from tunesmith.objectives.rl import entropy_from_logits
 
 
 @dataclass
@@ -78,6 +77,12 @@ class Rollout:
             pick(self.ended),
             [self.completions[i] for i in idx.tolist()],
         )
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v over the last dimension: (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
