@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,21 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
     return RunResult(ctx.out, info)
 
 
+def environment(device: torch.device) -> dict[str, str]:
+    """The versions and device a run was made with, so a number can be traced to its install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"device": str(device), "python": platform.python_version()}
+    for package in ("tunesmith", "torch", "transformers", "peft"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
 def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any]) -> None:
     """Final model / adapter, tokenizer (with chat template) and ``run.json``.
 
@@ -334,6 +350,7 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
         "base_model": base_path,
         **info,
         "data": provenance(ctx.cfg),  # fingerprints: `tunesmith eval` warns when they change
+        "environment": environment(ctx.device),
     }
     # Written last and in one rename: run.json marks a run whose artifacts are complete.
     tmp = out / "run.json.tmp"

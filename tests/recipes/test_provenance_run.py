@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
+import transformers
 import yaml
 from conftest import base_config, write_jsonl
 
@@ -16,7 +18,11 @@ def test_run_json_records_data_and_eval_warns_on_change(llama, pc_data, tmp_path
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(llama, pc_data, out, max_steps=1)))
     assert main(["train", str(cfg_path)]) == 0
-    data = json.loads((out / "run.json").read_text())["data"]
+    run = json.loads((out / "run.json").read_text())
+    env = run["environment"]  # the install a number came from
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert env["transformers"] == transformers.__version__
+    data = run["data"]
     assert data == {
         "train": {
             "source": str(pc_data),
