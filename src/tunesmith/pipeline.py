@@ -214,10 +214,14 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     trainable, total = parameter_counts(model, method)
     unit = task.records.unit
     n_train, n_eval = record_counts(data, task.records)
+    tokens = (  # kinds whose rows are made while training (sampled responses) have none yet
+        f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), "
+        if task.records.tokenized
+        else ""
+    )
     say(
         f"{cfg.task} with {cfg.method.name} on {cfg.model.name}: {trainable:,} of {total:,} parameters train "
-        f"({100 * trainable / total:.2f}%); {n_train} train / {n_eval} eval {unit}, "
-        f"{data.stats.tokens:,} tokens ({100 * data.stats.supervised / max(data.stats.tokens, 1):.0f}% scored), device {device}"
+        f"({100 * trainable / total:.2f}%); {n_train} train / {n_eval} eval {unit}, {tokens}device {device}"
     )
     wrapped = method.wrapped_modules()
     if wrapped:
