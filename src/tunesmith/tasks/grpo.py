@@ -21,19 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunesmith.config import Config
-from tunesmith.data.kinds import PROMPTS
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.ppo import RLBatch
 from tunesmith.objectives.rl import GROUP_ADVANTAGES
-from tunesmith.tasks.base import Task, register
+from tunesmith.tasks.base import register
 from tunesmith.tasks.rl_source import (
-    RL_SERIES,
     RLConfig,
     Scored,
     check_rl,
-    held_out_prompts,
-    rl_objective,
-    rl_source,
+    rl_task,
 )
 
 
@@ -73,19 +69,13 @@ def check(cfg: Config) -> None:
 
 
 GRPO = register(
-    Task(
-        name="grpo",
-        about="GRPO / RLOO: online RL from a reward, advantages relative to a group of responses",
-        records=PROMPTS,
+    rl_task(
+        "grpo",
+        "GRPO / RLOO: online RL from a reward, advantages relative to a group of responses",
         head="lm",
-        objective=rl_objective("grpo", kl_in_loss=True),
-        source=rl_source("grpo", GroupAdvantages),
-        evals=held_out_prompts("grpo"),
         section=GRPOConfig,
         check=check,
-        compare_metrics=("eval_reward", "eval_exact_match"),
-        base_comparable=True,
-        rising=("eval_reward",),
-        report_series=RL_SERIES + (()),
+        advantages=GroupAdvantages,
+        kl_in_loss=True,
     )
 )

@@ -21,19 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunesmith.config import Config
-from tunesmith.data.kinds import PROMPTS
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.ppo import RLBatch
 from tunesmith.objectives.rl import gae, kl_controller, kl_penalised_rewards, whiten
-from tunesmith.tasks.base import Task, register
+from tunesmith.tasks.base import register
 from tunesmith.tasks.rl_source import (
-    RL_SERIES,
     RLConfig,
     Scored,
     check_rl,
-    held_out_prompts,
-    rl_objective,
-    rl_source,
+    rl_task,
 )
 
 
@@ -107,19 +103,14 @@ def check(cfg: Config) -> None:
 
 
 PPO = register(
-    Task(
-        name="ppo",
-        about="PPO (RLHF): online RL from a reward, value head, GAE, KL penalty to the reference",
-        records=PROMPTS,
+    rl_task(
+        "ppo",
+        "PPO (RLHF): online RL from a reward, value head, GAE, KL penalty to the reference",
         head="value",
-        objective=rl_objective("ppo", kl_in_loss=False),
-        source=rl_source("ppo", GAEAdvantages),
-        evals=held_out_prompts("ppo"),
         section=PPOConfig,
         check=check,
-        compare_metrics=("eval_reward", "eval_exact_match"),
-        base_comparable=True,
-        rising=("eval_reward",),
-        report_series=RL_SERIES + (("kl_coef", "kl_penalty", "value_loss")),
+        advantages=GAEAdvantages,
+        kl_in_loss=False,
+        extra_series=("kl_coef", "kl_penalty", "value_loss"),
     )
 )

@@ -38,11 +38,12 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.data.formats import prompt_of
 from tunesmith.data.io import Record
+from tunesmith.data.kinds import PROMPTS
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.generate import normalise
 from tunesmith.objectives.ppo import ClippedPolicyObjective, RLBatch
 from tunesmith.rewards import RewardSource, load_reward, missing_end_penalty
-from tunesmith.tasks.base import Context
+from tunesmith.tasks.base import Context, Task
 from tunesmith.training.rollout import response_logps, rollout
 
 RL_SERIES = (
@@ -558,3 +559,33 @@ def rl_source(
         return Rollouts(ctx, s, parts["reward"], advantages(s), parts["reference"], parts["values"])
 
     return build
+
+
+def rl_task(
+    name: str,
+    about: str,
+    head: str,
+    section: type,
+    check: Callable[[Config], None],
+    advantages: Callable[[Any], Advantages],
+    kl_in_loss: bool,
+    extra_series: tuple[str, ...] = (),
+) -> Task:
+    """An online-RL task: prompts in, rollouts as the batch source, held-out greedy reward and
+    exact match; what differs between RL tasks is the head, the advantages and where the KL goes
+    (in the loss, or as a per-token penalty on the rewards)."""
+    return Task(
+        name=name,
+        about=about,
+        records=PROMPTS,
+        head=head,
+        objective=rl_objective(name, kl_in_loss=kl_in_loss),
+        source=rl_source(name, advantages),
+        evals=held_out_prompts(name),
+        section=section,
+        check=check,
+        compare_metrics=("eval_reward", "eval_exact_match"),
+        base_comparable=True,
+        rising=("eval_reward",),
+        report_series=RL_SERIES + extra_series,
+    )
