@@ -96,6 +96,17 @@ def count_tokens(model: Path, data: Path, max_length: int, pairs: bool = False) 
     ).stats.tokens
 
 
+def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespace:
+    """A bench's arguments: its one size flag, plus the hidden ones a child process gets."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(size, type=int, default=default, help=help)
+    for hidden in ("--child", "--model", "--data", "--out"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
 def main(
     doc: str,
     runs: dict[str, Callable[[str, str, str], dict]],
@@ -105,17 +116,7 @@ def main(
     pairs: bool = False,
 ) -> None:
     """Parse arguments; as the parent, run every entry of ``runs`` in a subprocess and compare."""
-    p = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--examples", type=int, default=256, help="training examples or pairs (default 256)"
-    )
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
     if a.child:
         print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out)))
         return

@@ -17,7 +17,6 @@ update), measured from what each run actually produced.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_model, peak_mb, sentence, words  # noqa: E402
+from common import make_model, parse_args, peak_mb, sentence, words  # noqa: E402
 
 PROMPTS, GROUP, COMPLETION, LR, RANK, ALPHA = 4, 8, 32, 1e-5, 16, 32
 
@@ -153,17 +152,7 @@ RUNS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--steps", type=int, default=10, help="optimiser steps = rollout batches (default 10)"
-    )
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = parse_args(__doc__, "--steps", 10, "optimiser steps = rollout batches (default 10)")
     if a.child:
         print("RESULT " + json.dumps(RUNS[a.child](a.model, a.data, a.out, a.steps)))
         return
