@@ -43,7 +43,9 @@ def train(
     """
     from tunesmith.pipeline import run_training
     from tunesmith.prepare import ensure_model
+    from tunesmith.training import distributed
 
     cfg = load_config(config, overrides)
-    ensure_model(cfg.model.name)
+    distributed.setup(cfg.train)  # under torchrun: join the other processes
+    distributed.main_first(lambda: ensure_model(cfg.model.name))
     return run_training(cfg, resume)

@@ -263,9 +263,12 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from tunesmith.config import load_config
     from tunesmith.pipeline import run_training
     from tunesmith.prepare import ensure_model
+    from tunesmith.training import distributed
 
     cfg = load_config(a.config, a.overrides)
-    ensure_model(cfg.model.name)  # build builtin:NAME / merge a run folder, once
+    distributed.setup(cfg.train)  # under torchrun: join the other processes
+    # build builtin:NAME / merge a run folder, once (rank 0 first under torchrun)
+    distributed.main_first(lambda: ensure_model(cfg.model.name))
     run_training(cfg, a.resume)
 
 

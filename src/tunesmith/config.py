@@ -134,6 +134,15 @@ class TrainConfig:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     progress: bool = True
     """Show a progress bar."""
+    strategy: Literal["auto", "ddp", "fsdp", "none"] = "auto"
+    """How processes started by ``torchrun`` share the work (ignored in one process): ``ddp``
+    (each holds the whole model, gradients are averaged), ``fsdp`` (FSDP2: parameters, gradients
+    and optimiser state sharded per decoder layer), ``auto`` (``ddp`` when the weights, gradients
+    and AdamW state fit in 60% of one GPU, else ``fsdp``; ``ddp`` on CPU), ``none`` (refuse to run
+    under torchrun). The global batch is ``batch_size x grad_accum x`` the number of processes."""
+    fsdp_cpu_offload: bool = False
+    """With ``fsdp``: keep sharded parameters, gradients and optimiser state in CPU memory
+    between uses (PyTorch's ``CPUOffloadPolicy``; GPU runs only)."""
 
 
 # ----------------------------------------------------------------------------------------------

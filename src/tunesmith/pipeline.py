@@ -38,12 +38,14 @@ from tunesmith.models import (
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
 from tunesmith.tasks.base import record_counts
+from tunesmith.training import distributed
 from tunesmith.training.checkpoint import (
     io_reason,
     latest_complete,
     latest_complete_name,
     list_checkpoints,
 )
+from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
 
@@ -74,6 +76,8 @@ RESUME_MAY_CHANGE = frozenset(
     f"train.{k}"
     for k in (
         "progress",
+        "strategy",
+        "fsdp_cpu_offload",
         "lr",
         "max_grad_norm",
         "precision",
@@ -129,6 +133,9 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
         ]
         diff += [s for s in now if not isinstance(now[s], dict) and before.get(s) != now[s]]
         fixed = [k for k in diff if k not in RESUME_MAY_CHANGE]
+        _check_global_batch(cfg, start)
+        if fixed:
+            fixed = [k for k in fixed if k not in ("train.batch_size", "train.grad_accum")]
         if fixed:
             raise TunesmithError(
                 f"--resume: the config differs from the run's saved config at {', '.join(fixed)}; "
@@ -155,6 +162,24 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, saved)
     return out, None
+
+
+def _check_global_batch(cfg: Config, start: Path) -> None:
+    """A resumed run may split its global batch differently (another number of processes) but
+    must keep it: train.batch_size x train.grad_accum x processes as the checkpoint's run had."""
+    saved = json.loads((start / "state.json").read_text())
+    before = load_config(start.parent.parent / "config.yaml").train
+    world_before = saved["loop"].get("world_size", 1)
+    was = before.batch_size * before.grad_accum * world_before
+    now = cfg.train.batch_size * cfg.train.grad_accum * launched_world()
+    if was != now:
+        raise TunesmithError(
+            f"--resume: train.batch_size x train.grad_accum x processes is {cfg.train.batch_size} x "
+            f"{cfg.train.grad_accum} x {launched_world()} = {now}, but the run trained with "
+            f"{before.batch_size} x {before.grad_accum} x {world_before} = {was}; keep the global "
+            f"batch the same (e.g. double train.batch_size or train.grad_accum on half the "
+            f"processes)."
+        )
 
 
 def _write_config(cfg: Config, path: Path) -> None:
@@ -192,8 +217,8 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     task = get_task(cfg.task)
     if task.prepare is not None:
         task.prepare(cfg)
-    out, start = prepare_output_dir(cfg, resume)
-    device = pick_device(cfg.train.device)
+    out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
+    device = local_device(pick_device(cfg.train.device))
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
     for note in data.notes:
@@ -239,20 +264,40 @@ def run_training(cfg: Config, resume: bool = False) -> RunResult:
     step 0 when there is none yet). A SIGTERM / SIGINT during training ends in
     :class:`~tunesmith.training.guard.Interrupted` after a checkpoint is written.
     """
-    run = setup_run(cfg, resume)
-    c = run.ctx
-    result = LOOPS[run.task.loop](
-        c.model,
-        c.method,
-        run.objective,
-        run.source,
-        run.evals,
-        cfg.train,
-        c.out,
-        c.device,
-        run.resume_from or False,
-    )
-    return finish_run(run, result)
+    distributed.setup(cfg.train)
+    try:
+        run = setup_run(cfg, resume)
+        c = run.ctx
+        result = LOOPS[run.task.loop](
+            c.model,
+            c.method,
+            run.objective,
+            run.source,
+            run.evals,
+            cfg.train,
+            c.out,
+            c.device,
+            run.resume_from or False,
+        )
+        if not distributed.current().is_main:  # rank 0 saves the artifacts and the report
+            return RunResult(c.out, {"steps": result.steps, "train_loss": result.final_train_loss})
+        if result.final_weights is not None:
+            gathered(run, result.final_weights)
+        return finish_run(run, result)
+    finally:
+        distributed.teardown()
+
+
+def gathered(run: Run, weights: dict[str, torch.Tensor]) -> None:
+    """After FSDP: rank 0 loads the model again (whole, as training started) and puts the
+    trained weights, gathered from every rank, into it; the run is then saved as usual."""
+    cfg, ctx = run.ctx.cfg, run.ctx
+    model, _, method, _ = setup_model(cfg, run.task.head, ctx.device)
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise TunesmithError(f"gathered weights do not fit the model (e.g. {sorted(missing)[:3]}).")
+    model.load_state_dict(weights, strict=False)
+    ctx.model, ctx.method = model, method
 
 
 def finish_run(run: Run, result: LoopResult) -> RunResult:

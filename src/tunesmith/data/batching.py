@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tunesmith.data.tokenize import IGNORE, Example
+from tunesmith.errors import TunesmithError
 
 Row = list[int]  # indices into the example list
 
@@ -195,31 +196,60 @@ class Batches:
         self.packing = packing and group == 1
         self.seed = seed
         self.shuffle = shuffle
-        self.position = 0  # micro-batches handed out so far
+        self.position = 0  # (global) micro-batches handed out so far
+        self.rank, self.world = 0, 1
         lengths = [len(e) for e in examples]
         # A group is as long as its longest member.
         self.lengths = [max(lengths[i : i + group]) for i in range(0, len(examples), group)]
         self._plans: dict[int, list[list[Row]]] = {}
 
+    def shard(self, rank: int, world: int) -> None:
+        """Hand this process (``rank`` of ``world``) its slice of every global micro-batch.
+
+        A global micro-batch has ``batch_size x world`` rows, in the order one process with that
+        batch size would see them; rank r takes the r-th of ``world`` near-equal contiguous
+        slices, so the ranks' rows are disjoint and together are the global batch. Every rank
+        plans the same batches, so all run the same number of steps. A last batch of an epoch
+        with fewer rows than ranks is left out (with more ranks than rows, a rank would have
+        nothing to compute)."""
+        self.rank, self.world = rank, world
+        self._plans.clear()
+
+    @property
+    def rows_per_micro(self) -> int:
+        """Rows of one global micro-batch (every rank's together)."""
+        return self.batch_size * self.world
+
+    def _rows(self, epoch: int) -> list[Row]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        else:  # evaluation: similar lengths together, less padding
+            order.sort(key=lambda i: self.lengths[i])
+        if self.packing:
+            return pack_rows(self.lengths, order, self.max_length)
+        return [[i] for i in order]
+
     def plan(self, epoch: int) -> list[list[Row]]:
-        """The batches (lists of rows of group indices) of one epoch."""
+        """The (global) batches, lists of rows of group indices, of one epoch."""
         if epoch not in self._plans:
-            order = list(range(len(self.lengths)))
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            else:  # evaluation: similar lengths together, less padding
-                order.sort(key=lambda i: self.lengths[i])
-            rows = (
-                pack_rows(self.lengths, order, self.max_length)
-                if self.packing
-                else [[i] for i in order]
-            )
-            self._plans[epoch] = [
-                rows[k : k + self.batch_size] for k in range(0, len(rows), self.batch_size)
-            ]
+            rows, width = self._rows(epoch), self.rows_per_micro
+            plan = [rows[k : k + width] for k in range(0, len(rows), width)]
+            if self.world > 1 and plan and len(plan[-1]) < self.world:
+                plan.pop()
+            self._plans[epoch] = plan
         return self._plans[epoch]
 
+    def _slice(self, rows: list[Row]) -> list[Row]:
+        """This rank's contiguous share of a global batch (sizes differ by at most one)."""
+        if self.world == 1:
+            return rows
+        base, extra = divmod(len(rows), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return rows[start : start + base + (self.rank < extra)]
+
     def collate(self, rows: list[Row]) -> Batch:
+        rows = self._slice(rows)
         g = self.group
         if g > 1:
             rows = [[g * r[0] + m] for m in range(g) for r in rows]
@@ -247,10 +277,41 @@ class Batches:
             epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
+        return {
+            "position": self.position,
+            "rows_per_micro": self.rows_per_micro,
+            "world": self.world,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``position`` micro-batches; a checkpoint written with another global
+        micro-batch size (another ``batch_size x world``) is converted through the rows it had
+        consumed, which must be a whole number of the new micro-batches."""
         self.position = int(state["position"])
+        width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
+        if (width, world) != (self.rows_per_micro, self.world):
+            self.position = self._convert(self.position, width, world)
+
+    def _convert(self, position: int, width: int, world: int) -> int:
+        new, epoch = 0, 0
+        while True:
+            n_rows = len(self._rows(epoch))
+            full, rest = divmod(n_rows, width)
+            before = full + (1 if rest and not (world > 1 and rest < world) else 0)
+            if position >= before:
+                position -= before
+                new += len(self.plan(epoch))
+                epoch += 1
+                continue
+            rows = position * width
+            if rows % self.rows_per_micro:
+                raise TunesmithError(
+                    f"--resume: the checkpoint stopped {rows} rows into epoch {epoch}, which is not "
+                    f"a whole number of micro-batches of {self.rows_per_micro} rows (batch_size x "
+                    f"processes); keep train.batch_size x train.grad_accum x processes as it was "
+                    f"with a batch_size x processes that divides {rows}."
+                )
+            return new + rows // self.rows_per_micro
 
     def epoch_of(self, micro_batch: int) -> float:
         """Fractional epoch reached after ``micro_batch`` micro-batches."""

@@ -30,6 +30,7 @@ from tunesmith.objectives.dpo import REFERENCE_FREE, DPOConfig, DPOObjective
 from tunesmith.objectives.reference import cached_reference_logps
 from tunesmith.objectives.sft import sequence_logps
 from tunesmith.tasks.base import Context, Task, register
+from tunesmith.training.distributed import main_first
 
 Reference = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -79,7 +80,8 @@ def make_objective(ctx: Context) -> DPOObjective:
         return DPOObjective(cfg.dpo, model_reference(ctx.starting_model()))
     for split in (ctx.data.train, ctx.data.eval):
         if split:
-            path = cached_reference_logps(ctx.model, split, cfg, ctx.device)
+            # Under torchrun rank 0 computes them once; the others read its cache file.
+            path = main_first(lambda s=split: cached_reference_logps(ctx.model, s, cfg, ctx.device))
     say(f"reference log-probs cached in {path.parent}")
     return DPOObjective(cfg.dpo, cached_reference)
 

@@ -40,13 +40,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunesmith.errors import SaveError
+from tunesmith.errors import SaveError, TunesmithError
 from tunesmith.methods.base import Method
+from tunesmith.training.distributed import Parallel, any_rank, raise_agreed
 from tunesmith.training.guard import NonFiniteError, fault_point, kill_self
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+SHARDED = 2
+"""Format of checkpoints written under torchrun: ``torch.distributed.checkpoint`` (DCP) files
+(``.metadata`` plus one ``__R_0.distcp`` per rank holding its shards of the trainable weights and
+the optimiser state, keyed by parameter name), ``rng-R.safetensors`` per rank and ``state.json``.
+DCP re-shards on load, so such a checkpoint resumes on any number of processes, one included."""
+REQUIRED = {FORMAT: FILES, SHARDED: (".metadata", "state.json")}
 
 
 def _optimizer_to_flat(
@@ -117,9 +124,13 @@ def save_checkpoint(
     sched: torch.optim.lr_scheduler.LRScheduler,
     loop_state: dict[str, Any],
     keep: int,
+    par: Parallel | None = None,
 ) -> Path:
     """Write ``root/step-NNNNNNN`` atomically (see the module docstring) and keep the ``keep``
-    newest complete checkpoints."""
+    newest complete checkpoints. Under torchrun (``par`` with several ranks) every rank writes
+    its shards (:func:`save_sharded`)."""
+    if par is not None and par.dist.active:
+        return save_sharded(root, step, par, opt, sched, loop_state, keep)
     weights = {k: v.contiguous() for k, v in method.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(opt)
     bad = _non_finite(weights) or _non_finite(opt_tensors)
@@ -130,17 +141,8 @@ def save_checkpoint(
             f"{f'; the last good one, {previous}, is intact' if previous else ''}; try a lower "
             f"train.lr or train.precision=fp32."
         )
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    version, mt, gauss = random.getstate()
-    meta = {
-        "step": step,
-        "loop": loop_state,
-        "optimizer": opt_meta,
-        "scheduler": sched.state_dict(),  # plain numbers; lambdas are stored as None
-        "python_random": [version, list(mt), gauss],
-    }
+    rng = _rng_state()
+    meta = _meta(step, loop_state, sched) | {"optimizer": opt_meta}
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     doing = f"creating {root}"
@@ -189,6 +191,179 @@ def save_checkpoint(
     return final
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def _meta(step: int, loop_state: dict[str, Any], sched: Any) -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    return {
+        "step": step,
+        "loop": loop_state,
+        "scheduler": sched.state_dict(),  # plain numbers; lambdas are stored as None
+        "python_random": [version, list(mt), gauss],
+    }
+
+
+def _dcp_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, Any]:
+    """The trainable weights and optimiser state as DCP saves and loads them (each rank's
+    shards under FSDP, keyed by parameter name), and the options to put them back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    weights, optim = get_state_dict(model, opt, options=options)
+    return {"model": weights, "optim": optim}, options
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save_sharded(
+    root: Path,
+    step: int,
+    par: Parallel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    loop_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Collective: every rank writes its shards into the same temporary folder with DCP; rank 0
+    writes ``state.json`` and, once every rank is done, the manifest and the rename (the same
+    order and guarantees as a single-process checkpoint). An error on any rank ends every rank
+    with it, and the temporary folder is removed."""
+    import torch.distributed.checkpoint as dcp
+
+    d = par.dist
+    state, _ = _dcp_state(par.model, opt)
+    local = {
+        f"{part}.{k}": _local(v)
+        for part in ("model",)
+        for k, v in state[part].items()
+        if isinstance(v, torch.Tensor)
+    }
+    bad = _non_finite(local)
+    if any_rank(bad is not None):
+        previous = latest_complete_name(root)
+        raise NonFiniteError(
+            f"step {step}: the weights hold NaN/inf{f' ({bad})' if bad else ''}, so no checkpoint "
+            f"was written{f'; the last good one, {previous}, is intact' if previous else ''}; try "
+            f"a lower train.lr or train.precision=fp32."
+        )
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-sharded"
+    doing = f"creating {tmp}"
+    error: BaseException | None = None
+    if d.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    raise_agreed(_save_error(error, step, root, doing))
+    try:
+        doing = f"writing {tmp} (rank {d.rank})"
+        dcp.save(state, checkpoint_id=str(tmp))
+        _write(tmp / f"rng-{d.rank}.safetensors", lambda p: save_file(_rng_state(), str(p)))
+    except (OSError, SafetensorError, RuntimeError) as e:  # DCP wraps a rank's OSError
+        error = e
+    raise_agreed(_save_error(error, step, root, doing, tmp))
+    if d.is_main:
+        try:
+            doing = f"writing {tmp / 'state.json'}"
+            meta = _meta(step, loop_state, sched)
+            files = {
+                "state.json": _write(
+                    tmp / "state.json", lambda p: p.write_text(json.dumps(meta, indent=1))
+                )
+            }
+            for f in sorted(tmp.iterdir()):
+                if f.name not in files:
+                    files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            _fault()
+            doing = f"writing {tmp / MANIFEST}"
+            manifest = {"format": SHARDED, "step": step, "world_size": d.world, "files": files}
+            _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+            _fsync_dir(tmp)
+            _fault()
+            doing = f"renaming {tmp.name} to {final}"
+            aside = root / f".old-step-{step:07d}-{os.getpid()}"
+            if final.exists():
+                os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _fault()
+            shutil.rmtree(aside, ignore_errors=True)
+            _prune(root, final, keep)
+        except (OSError, SafetensorError) as e:
+            error = e
+    raise_agreed(_save_error(error, step, root, doing, tmp if d.is_main else None))
+    return final
+
+
+def _save_error(
+    e: BaseException | None, step: int, root: Path, doing: str, tmp: Path | None = None
+) -> SaveError | None:
+    """The one-line SaveError for a failed checkpoint write (None when nothing failed)."""
+    if e is None:
+        return None
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_complete_name(root)
+    kept = (
+        f"the previous checkpoint {previous} is intact and --resume continues from it"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return SaveError(
+        f"checkpoint of step {step} not written: {doing} failed ({io_reason(e)}); {kept}. "
+        f"Free disk space or make {root} writable (or choose another output_dir)."
+    )
+
+
+def checkpoint_format(path: Path) -> int:
+    """The format a (verified) checkpoint folder was written in."""
+    return int(json.loads((path / MANIFEST).read_text()).get("format", FORMAT))
+
+
+def load_sharded(
+    path: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+) -> None:
+    """Load a DCP checkpoint into ``model`` (plain, DDP or FSDP2) and ``opt``, re-sharding it
+    for this run's processes; the RNG of this rank (rank 0's when there was none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from tunesmith.training.distributed import current
+
+    state, options = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
+    )
+    rank_file = path / f"rng-{current().rank}.safetensors"
+    _set_rng(load_file(str(rank_file if rank_file.exists() else path / "rng-0.safetensors")))
+
+
+def _set_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        )
+
+
 def _fault() -> None:
     """Test hook (``TUNESMITH_FAULT=kill-in-checkpoint:N``): SIGKILL at the N-th of these points
     in this process. A checkpoint passes six: after each of its four files, after the manifest,
@@ -233,7 +408,8 @@ def verify_checkpoint(path: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"{MANIFEST} unreadable ({e})"
     files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
-    missing = [f for f in FILES if f not in files]
+    fmt = manifest.get("format", FORMAT) if isinstance(manifest, dict) else FORMAT
+    missing = [f for f in REQUIRED.get(fmt, FILES) if f not in files]
     if missing:
         return f"{MANIFEST} does not list {', '.join(missing)}"
     for name, want in files.items():
@@ -271,18 +447,26 @@ def load_checkpoint(
     method: Method,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
+    par: Parallel | None = None,
 ) -> dict[str, Any]:
-    """Restore everything saved by :func:`save_checkpoint`; return the loop state."""
-    method.load_state_dict(load_file(str(path / "weights.safetensors")))
+    """Restore everything saved by :func:`save_checkpoint`; return the loop state.
+
+    A sharded checkpoint (written under torchrun) loads into any number of processes; a
+    single-process one loads wherever the parameters are whole (one process, or DDP)."""
     meta = json.loads((path / "state.json").read_text())
-    _optimizer_from_flat(opt, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    if checkpoint_format(path) == SHARDED:
+        load_sharded(path, par.model if par is not None else method.model, opt)
+    else:
+        if par is not None and par.strategy == "fsdp":
+            raise TunesmithError(
+                f"--resume: {path} was written by one process and train.strategy=fsdp shards the "
+                f"weights; resume it with train.strategy=ddp or in one process (a checkpoint "
+                f"written under torchrun resumes under any strategy)."
+            )
+        method.load_state_dict(load_file(str(path / "weights.safetensors")))
+        _optimizer_from_flat(opt, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+        _set_rng(load_file(str(path / "rng.safetensors")))
     sched.load_state_dict(meta["scheduler"])
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
-        )
     if "python_random" in meta:
         version, mt, gauss = meta["python_random"]
         random.setstate((version, tuple(mt), gauss))

@@ -25,8 +25,12 @@ def _records(text: str) -> list[dict[str, Any]]:
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged step or evaluation."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+        """``enabled`` False (ranks other than 0 under torchrun): neither touch nor write the file."""
         self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             # Drop lines from after the checkpoint we resume from (they will be redone) and any
             # line a crash cut short; replace the file in one rename, so a crash here loses
@@ -39,6 +43,8 @@ class MetricsLog:
             path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -19,7 +19,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,9 +30,10 @@ from torch import nn
 from tunesmith.config import TrainConfig
 from tunesmith.console import say
 from tunesmith.data.batching import Batch, Batches, BatchSource
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods.base import Method
 from tunesmith.training.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from tunesmith.training.distributed import Parallel, all_max, all_sum, current, raise_agreed
 from tunesmith.training.guard import Interrupted, NanGuard, SignalGuard
 from tunesmith.training.logging import MetricsLog, progress
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -52,6 +53,9 @@ class LoopResult:
     train_seconds: float
     peak_memory_mb: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    final_weights: dict[str, torch.Tensor] | None = None
+    """FSDP: the trainable weights gathered whole on rank 0 (by parameter name), for the final
+    save; None when the model itself holds them."""
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -97,22 +101,37 @@ def train_step(
     params: list[nn.Parameter],
     cfg: TrainConfig,
     device: torch.device,
+    par: Parallel | None = None,
+    count: int | None = None,
 ) -> StepResult:
     """One optimiser step over ``micro``: forward, loss, backward, clip, step.
 
     Each micro-batch's summed loss is divided by the count of the *whole* step, so the gradient
     is that of one big batch whatever the split into micro-batches. Objectives report metrics as
-    sums over their rows; they are averaged by the same count.
+    sums over their rows; they are averaged by the same count. Under torchrun (``par``) the
+    count, loss and metrics are sums over every rank's micro-batches (``count`` is given,
+    already summed) and the loss is scaled by the number of ranks, whose gradients DDP / FSDP
+    average (``training.distributed``).
     """
-    count = max(sum(objective.count(b) for b in micro), 1)
+    if count is None:
+        count = sum(objective.count(b) for b in micro)
+    count = max(count, 1)
+    scale = 1.0 if par is None else par.loss_scale
     loss_sum, metrics = 0.0, {}
-    for batch in micro:
-        with autocast(device, cfg.precision):
-            part, m = objective(model, batch.to(device))
-        (part / count).backward()
+    for k, batch in enumerate(micro):
+        with contextlib.nullcontext() if par is None else par.sync(k == len(micro) - 1):
+            with autocast(device, cfg.precision):
+                part, m = objective(model, batch.to(device))
+            ((part * scale if scale != 1.0 else part) / count).backward()
         loss_sum += float(part.detach())
         _add(metrics, m)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    tokens = sum(b.n_tokens for b in micro)
+    if par is not None and par.dist.active:  # every rank logs and decides on the same numbers
+        keys = sorted(metrics)
+        total = all_sum([loss_sum, float(tokens), *(metrics[k] for k in keys)])
+        loss_sum, tokens = total[0], int(total[1])
+        metrics = dict(zip(keys, total[2:]))
     applied = NanGuard.finite(loss_sum, grad_norm)
     if applied:
         opt.step()
@@ -122,9 +141,40 @@ def train_step(
         loss_sum / count,
         {k: v / count for k, v in metrics.items()},
         grad_norm,
-        sum(b.n_tokens for b in micro),
+        tokens,
         applied,
     )
+
+
+def next_step_batches(
+    stream: Iterator[Batch], objective: Objective, n: int
+) -> tuple[list[Batch], int]:
+    """The step's micro-batches and their count summed over ranks. A rank that cannot make its
+    batches makes every rank raise its error (``raise_agreed``), so none waits forever for the
+    others in a collective."""
+    micro: list[Batch] = []
+    error: BaseException | None = None
+    try:
+        micro = [next(stream) for _ in range(n)]
+    except TunesmithError as e:
+        error = e
+    if not current().active:
+        if error is not None:
+            raise error
+        return micro, sum(objective.count(b) for b in micro)
+    local = sum(objective.count(b) for b in micro)
+    count, failed = all_sum([float(local), float(error is not None)])
+    if failed:
+        raise_agreed(error)
+    return micro, int(count)
+
+
+def agreed_signal(guard: SignalGuard) -> int | None:
+    """The signal that stops the run, agreed by every rank (a signal on any rank stops all)."""
+    if not current().active:
+        return guard.signum
+    signum = int(all_max([float(guard.signum or 0)])[0])
+    return signum or None
 
 
 def retarget_lr(opt: torch.optim.Optimizer, sched: Any, lr: float) -> None:
@@ -194,7 +244,30 @@ def train_loop(
     ``resume`` is a checkpoint folder to continue from, or True for the newest complete one
     under ``output_dir/checkpoints`` (with none, the run starts at step 0 and says so).
     """
+    d = current()
+    if d.active:
+        shard = getattr(source, "shard", None)
+        if shard is None:
+            raise ConfigError(
+                f"train.strategy: this task's batches ({type(source).__name__}) are made while "
+                f"it trains and cannot be split between {d.world} processes yet; run it in one "
+                f"process (without torchrun)."
+            )
+        shard(d.rank, d.world)
     steps = total_steps(cfg, source.micro_batches_per_epoch())
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    trainable = sum(p.numel() for _, p in method.trainable_parameters())
+    par = Parallel(model, cfg, device, trainable)  # DDP / FSDP2 under torchrun, else the model
+    if d.active:
+        say(
+            f"{d.world} processes, {par.strategy}: global batch {cfg.batch_size} x "
+            f"{cfg.grad_accum} x {d.world} = {cfg.batch_size * cfg.grad_accum * d.world} "
+            f"(train.batch_size x train.grad_accum x processes)"
+        )
+    # Built after wrapping: FSDP2 replaces the parameters by sharded ones.
     params = [p for _, p in method.trainable_parameters()]
     opt = build_optimizer(method.trainable_parameters(), cfg, device)
     sched = build_scheduler(opt, cfg, steps)
@@ -213,7 +286,7 @@ def train_loop(
         if start is None:
             say(f"--resume: no complete checkpoint in {ckpt_root} yet; starting from step 0.")
     if start is not None:
-        state |= load_checkpoint(start, method, opt, sched)
+        state |= load_checkpoint(start, method, opt, sched, par)
         source.load_state_dict(state["source"])
         retarget_lr(opt, sched, cfg.lr)
         say(f"resuming from {start} (step {state['step']} of {steps}).")
@@ -221,15 +294,13 @@ def train_loop(
     nan = NanGuard(cfg.nan_policy, cfg.max_nan_steps, state["nan_steps"])
     nan.consecutive = state["nan_consecutive"]
     log = MetricsLog(
-        output_dir / "metrics.jsonl", resume_step=state["step"] if start is not None else None
+        output_dir / "metrics.jsonl",
+        resume_step=state["step"] if start is not None else None,
+        enabled=d.is_main,
     )
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
     stream = source.stream()
     model.train()
-    bar = progress(steps, state["step"], cfg.progress, "train")
+    bar = progress(steps, state["step"], cfg.progress and d.is_main, "train")
     eval_metrics: dict[str, float] = {}
     loss = float("nan")
     if device.type == "cuda":
@@ -238,7 +309,9 @@ def train_loop(
     t_mark = t_start
 
     def run_eval() -> dict[str, float]:
-        return evaluate(model, objective, evals.one_pass(), device, cfg.precision, cfg.eval_batches)
+        return evaluate(
+            par.model, objective, evals.one_pass(), device, cfg.precision, cfg.eval_batches
+        )
 
     def checkpoint(step: int) -> None:
         """Save at ``step``; the time spent writing is not training time."""
@@ -246,8 +319,9 @@ def train_loop(
         state["train_seconds"] += time.perf_counter() - t_mark
         loop_state = {k: v for k, v in state.items() if k != "step"}
         loop_state["source"] = source.state_dict()
+        loop_state["world_size"] = d.world
         path = save_checkpoint(
-            ckpt_root, step, method, opt, sched, loop_state, cfg.keep_checkpoints
+            ckpt_root, step, method, opt, sched, loop_state, cfg.keep_checkpoints, par
         )
         last_saved, saved_at, t_mark = str(path), step, time.perf_counter()
 
@@ -255,10 +329,12 @@ def train_loop(
         log.write({"step": 0, **run_eval()})
     with SignalGuard() as guard:
         for step in range(state["step"], steps):
-            if guard.requested:  # arrived while a checkpoint or an evaluation ran
+            if agreed_signal(guard):  # arrived while a checkpoint or an evaluation ran
                 break
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
-            result = train_step(model, objective, micro, opt, sched, params, cfg, device)
+            micro, count = next_step_batches(stream, objective, cfg.grad_accum)
+            result = train_step(
+                par.model, objective, micro, opt, sched, params, cfg, device, par, count
+            )
             done = step + 1
             nan.check(done, result.loss, result.grad_norm, last_saved)  # raises when it stops
             if not result.applied:
@@ -313,16 +389,17 @@ def train_loop(
             bar.update(1)
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 checkpoint(done)
-            if guard.requested:
+            if guard.requested and not d.active:  # ranks agree at the top of the next step
                 break
-        if guard.requested:
+        signum = agreed_signal(guard)
+        if signum:
             bar.close()
             at = state["step"]
             if saved_at != at:
                 checkpoint(at)
             raise Interrupted(
-                f"stopped by {signal.Signals(guard.signum).name} after step {at} of {steps}; checkpoint {last_saved} written",
-                guard.signum,
+                f"stopped by {signal.Signals(signum).name} after step {at} of {steps}; checkpoint {last_saved} written",
+                signum,
             )
         bar.close()
         train_seconds = state["train_seconds"] + time.perf_counter() - t_mark
@@ -332,6 +409,7 @@ def train_loop(
         if cfg.save_every:
             t_mark = time.perf_counter()
             checkpoint(steps)
+    final_weights = par.full_trainable_state()
     return LoopResult(
         steps=steps,
         final_train_loss=loss,
@@ -339,7 +417,8 @@ def train_loop(
         tokens_per_s=(state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9),
         train_seconds=train_seconds,
         peak_memory_mb=peak_memory_mb(device),
-        history=log.read(),
+        history=log.read() if d.is_main else [],
+        final_weights=final_weights,
     )
 
 
