@@ -263,7 +263,7 @@ class Parallel:
             self.model: nn.Module = DistributedDataParallel(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,  # buffers (rotary tables) are the same everywhere
+                forward_sync_buffers=False,  # buffers (rotary tables) are the same everywhere
             )
         elif self.strategy == "fsdp":
             self.model = shard_model(model, train, device)

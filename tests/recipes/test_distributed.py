@@ -1,0 +1,283 @@
+"""Many processes (CPU, gloo, 2 ranks): DDP and FSDP2 against one process with the same global batch.
+
+Ranks are forked from the test process (the imports are already done, so a 2-rank run costs
+what the training costs) with the environment torchrun would give them; one slow test goes
+through ``torchrun -m tunesmith train`` itself. Equality is relative: 2 ranks sum the same
+numbers in another order, so weights agree to ~1e-6, not bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+import tunesmith
+from tunesmith.data.batching import Batches
+from tunesmith.data.tokenize import Example
+from tunesmith.errors import DataError, TunesmithError
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, cfg, resume, patch, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        if patch is not None:
+            patch(rank)
+        tunesmith.train(cfg, resume=resume)
+        results.put((rank, "ok"))
+    except TunesmithError as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
+        results.put((rank, f"crash {type(e).__name__}: {e}"))
+    finally:
+        results.close()
+        results.join_thread()  # flush before leaving without the parent's atexit handlers
+        os._exit(0)
+
+
+def launch(
+    cfg: dict, world: int = 2, resume: bool = False, patch: Callable[[int], None] | None = None
+) -> dict[int, str]:
+    """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok' or the error line}. A rank that does
+    not finish within two minutes is a hang, and fails the test."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, world, port, cfg, resume, patch, results))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[int, str] = {}
+    try:
+        for _ in procs:
+            rank, status = results.get(timeout=120)
+            out[rank] = status
+    except queue.Empty:
+        pytest.fail(f"ranks hung: only {sorted(out)} of {world} finished")
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+def config(model: Path, data: Path, out: Path, method: str = "lora", **train) -> dict:
+    return {
+        "model": str(model),
+        "method": {"name": method, "rank": 4, "alpha": 8} if method == "lora" else method,
+        "data": {"train": str(data), "eval": 0.25, "max_length": 64},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": False,
+            **train,
+        },
+        "output_dir": str(out),
+    }
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    name = (
+        "adapter_model.safetensors"
+        if (out / "adapter_model.safetensors").exists()
+        else "model.safetensors"
+    )
+    return load_file(str(out / name))
+
+
+def assert_same(a: Path, b: Path, rel: float = 1e-5) -> None:
+    """Loss trajectory and final weights within ``rel`` (relative to each tensor's norm)."""
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= rel * abs(x), (la, lb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        err = float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp_min(1e-12))
+        assert err <= rel, (k, err)
+
+
+def test_shards_are_disjoint_and_make_the_global_batch():
+    examples = [
+        Example(np.arange(1, 2 + i % 5), np.full(1 + i % 5, -100), f"f:{i}") for i in range(11)
+    ]
+
+    def batches(world: int, rank: int, size: int) -> Batches:
+        b = Batches(examples, size, 64, 0, packing=False, seed=3)
+        b.shard(rank, world)
+        return b
+
+    one = batches(1, 0, 4)
+    ranks = [batches(2, r, 2) for r in range(2)]
+    assert len(ranks[0].plan(0)) == len(ranks[1].plan(0)) == len(one.plan(0))  # same step count
+    for k, rows in enumerate(one.plan(0)):
+        shares = [ranks[r]._slice(ranks[r].plan(0)[k]) for r in range(2)]
+        assert shares[0] + shares[1] == rows
+        assert not set(map(tuple, shares[0])) & set(map(tuple, shares[1]))
+    # A checkpoint after 2 global micro-batches of 2 x 2 rows resumes in one process with
+    # batch 4 at the same row, and with batch 1 (4 rows per old micro-batch: position 8).
+    saved = ranks[0]
+    saved.position = 2
+    for size, want in ((4, 2), (1, 8)):
+        again = batches(1, 0, size)
+        again.load_state_dict(saved.state_dict())
+        assert again.position == want
+    with pytest.raises(TunesmithError, match="not a whole number"):
+        again = batches(1, 0, 3)
+        again.load_state_dict(saved.state_dict())
+
+
+def test_ddp_equals_one_process_with_the_same_global_batch(llama, pc_data, tmp_path):
+    launched = launch(config(llama, pc_data, tmp_path / "ddp", strategy="ddp"))
+    assert launched == {0: "ok", 1: "ok"}
+    tunesmith.train(config(llama, pc_data, tmp_path / "one", batch_size=4))
+    assert_same(tmp_path / "one", tmp_path / "ddp")
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["steps"] == 4 and run["artifact"] == "adapter"
+
+
+def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tmp_path):
+    def fail_on_rank_1(rank: int) -> None:
+        if rank != 1:
+            return
+        original = Batches.collate
+
+        def collate(self, rows):
+            if self.position == 3:  # the second step's first micro-batch
+                raise DataError(f"{pc_data}:7: broken row")
+            return original(self, rows)
+
+        Batches.collate = collate
+
+    launched = launch(config(llama, pc_data, tmp_path / "out"), patch=fail_on_rank_1)
+    assert launched[1] == f"DataError: {pc_data}:7: broken row"
+    assert launched[0] == f"DataError: {pc_data}:7: broken row (on rank 1)"
+
+
+def test_a_bad_row_ends_both_ranks_with_its_file_and_line(llama, pc_data, tmp_path):
+    lines = pc_data.read_text().splitlines()
+    lines[5] = '{"prompt": "Add 1 and 2:", "completion": '
+    pc_data.write_text("\n".join(lines) + "\n")
+    launched = launch(config(llama, pc_data, tmp_path / "out"))
+    for rank in (0, 1):
+        assert launched[rank].startswith("DataError") and f"{pc_data}:6" in launched[rank]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_equals_ddp(llama, pc_data, tmp_path, method):
+    for strategy in ("ddp", "fsdp"):
+        cfg = config(llama, pc_data, tmp_path / strategy, method, strategy=strategy)
+        assert launch(cfg) == {0: "ok", 1: "ok"}
+    assert_same(tmp_path / "ddp", tmp_path / "fsdp")
+    if method == "full":  # the whole model, gathered on rank 0, loads in transformers
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp") is not None
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    rows = [
+        {"prompt": f"Q: {a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}
+        for a in range(4)
+        for b in range(4)
+    ]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.mark.slow
+def test_dpo_lora_under_fsdp_equals_one_process(llama, pairs, tmp_path):
+    """The reference is the policy with LoRA disabled, computed through the sharded model."""
+    cfg = config(llama, pairs, tmp_path / "fsdp", strategy="fsdp", batch_size=2)
+    cfg["task"] = "dpo"
+    assert launch(cfg) == {0: "ok", 1: "ok"}
+    one = config(llama, pairs, tmp_path / "one", batch_size=4)
+    one["task"] = "dpo"
+    tunesmith.train(one)
+    assert_same(tmp_path / "one", tmp_path / "fsdp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_save_on_two_resume_on_one_or_two(llama, pc_data, tmp_path, strategy):
+    whole = tmp_path / "whole"
+    cfg = config(llama, pc_data, whole, strategy=strategy, save_every=2, keep_checkpoints=3)
+    assert launch(cfg) == {0: "ok", 1: "ok"}
+    saved = whole / "checkpoints" / "step-0000002"
+    assert json.loads((saved / "manifest.json").read_text())["format"] == 2
+    for world in (1, 2):
+        out = tmp_path / f"resumed-on-{world}"
+        shutil.copytree(whole, out)  # as if the run had been stopped after step 2
+        shutil.rmtree(out / "checkpoints" / "step-0000004")
+        (out / "run.json").unlink()
+        cfg = config(llama, pc_data, out, strategy=strategy, save_every=2, keep_checkpoints=3)
+        if world == 1:  # the same global batch of 8 rows in one process
+            cfg["train"]["batch_size"] = 4
+            tunesmith.train(cfg, resume=True)
+        else:
+            assert launch(cfg, resume=True) == {0: "ok", 1: "ok"}
+        assert_same(whole, out)
+
+
+@pytest.mark.slow
+def test_torchrun_cli(llama, pc_data, tmp_path):
+    """``torchrun -m tunesmith train``: rank 0 alone reports; a bad row ends both ranks."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(config(llama, pc_data, tmp_path / "out")))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), "-m", "tunesmith", "train", str(cfg)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("tunesmith: done in") == 1
+    assert (tmp_path / "out" / "run.json").exists()
+    rows = pc_data.read_text().splitlines()
+    rows[random.Random(0).randrange(len(rows))] = "{oops"
+    pc_data.write_text("\n".join(rows) + "\n")
+    cmd[-2:] = [str(cfg), "output_dir=" + str(tmp_path / "bad")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and all(str(pc_data) + ":" in ln for ln in errors), done.stderr[-2000:]
