@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
@@ -252,6 +253,8 @@ def test_save_on_two_resume_on_one_or_two(llama, pc_data, tmp_path, strategy):
         shutil.copytree(whole, out)  # as if the run had been stopped after step 2
         shutil.rmtree(out / "checkpoints" / "step-0000004")
         (out / "run.json").unlink()
+        saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved_cfg, "output_dir": str(out)}))
         cfg = config(llama, pc_data, out, strategy=strategy, save_every=2, keep_checkpoints=3)
         if world == 1:  # the same global batch of 8 rows in one process
             cfg["train"]["batch_size"] = 4
@@ -276,7 +279,7 @@ def test_torchrun_cli(llama, pc_data, tmp_path):
     rows = pc_data.read_text().splitlines()
     rows[random.Random(0).randrange(len(rows))] = "{oops"
     pc_data.write_text("\n".join(rows) + "\n")
-    cmd[-2:] = [str(cfg), "output_dir=" + str(tmp_path / "bad")]
+    cmd.append("output_dir=" + str(tmp_path / "bad"))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]

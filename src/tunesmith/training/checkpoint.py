@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -344,7 +345,9 @@ def load_sharded(
     from tunesmith.training.distributed import current
 
     state, options = _dcp_state(model, opt)
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # one process reading a checkpoint of several is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not current().active)
     set_state_dict(
         model,
         opt,
