@@ -1,7 +1,8 @@
 """Many processes (CPU, gloo, 2 ranks): DDP and FSDP2 against one process with the same global batch.
 
-Ranks are forked from the test process (the imports are already done, so a 2-rank run costs
-what the training costs) with the environment torchrun would give them; one slow test goes
+Ranks are forked from a fork server that has imported tunesmith once (so a 2-rank run costs
+what the training costs; forking the test process itself, which has run threads, can deadlock),
+with the environment torchrun would give them; one slow test goes
 through ``torchrun -m tunesmith train`` itself. Equality is relative: 2 ranks sum the same
 numbers in another order, so weights agree to ~1e-6, not bitwise.
 """
@@ -14,10 +15,12 @@ import os
 import queue
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +73,8 @@ def launch(
 ) -> dict[int, str]:
     """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok' or the error line}. A rank that does
     not finish within two minutes is a hang, and fails the test."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")  # forks from a clean, thread-free server
+    ctx.set_forkserver_preload(["tunesmith", "tunesmith.pipeline", "transformers", "peft"])
     results = ctx.Queue()
     port = _free_port()
     procs = [
@@ -139,6 +143,54 @@ def assert_same(a: Path, b: Path, rel: float = 1e-5) -> None:
         assert err <= rel, (k, err)
 
 
+# What a test changes in one rank (module-level: the ranks start from a fork server).
+
+
+def fail_on_rank_1(data: str, rank: int) -> None:
+    """Rank 1 cannot make the first micro-batch of step 2."""
+    if rank != 1:
+        return
+    original = Batches.collate
+
+    def collate(self, rows):
+        if self.position == 3:  # the second step's first micro-batch
+            raise DataError(f"{data}:7: broken row")
+        return original(self, rows)
+
+    Batches.collate = collate
+
+
+def sigterm_on_rank_1(rank: int) -> None:
+    """Rank 1 (only) receives SIGTERM while it makes step 2's batches."""
+    if rank != 1:
+        return
+    original = Batches.collate
+
+    def collate(self, rows):
+        if self.position == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, rows)
+
+    Batches.collate = collate
+
+
+def nan_on_rank_1(rank: int) -> None:
+    """Rank 1's loss is NaN in its third micro-batch (step 2)."""
+    if rank != 1:
+        return
+    from tunesmith.objectives.sft import SFTObjective
+
+    original = SFTObjective.__call__
+    calls = []
+
+    def call(self, model, batch):
+        loss, metrics = original(self, model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), metrics
+
+    SFTObjective.__call__ = call
+
+
 def test_shards_are_disjoint_and_make_the_global_batch():
     examples = [
         Example(np.arange(1, 2 + i % 5), np.full(1 + i % 5, -100), f"f:{i}") for i in range(11)
@@ -179,21 +231,28 @@ def test_ddp_equals_one_process_with_the_same_global_batch(llama, pc_data, tmp_p
 
 
 def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tmp_path):
-    def fail_on_rank_1(rank: int) -> None:
-        if rank != 1:
-            return
-        original = Batches.collate
-
-        def collate(self, rows):
-            if self.position == 3:  # the second step's first micro-batch
-                raise DataError(f"{pc_data}:7: broken row")
-            return original(self, rows)
-
-        Batches.collate = collate
-
-    launched = launch(config(llama, pc_data, tmp_path / "out"), patch=fail_on_rank_1)
+    launched = launch(
+        config(llama, pc_data, tmp_path / "out"), patch=partial(fail_on_rank_1, str(pc_data))
+    )
     assert launched[1] == f"DataError: {pc_data}:7: broken row"
     assert launched[0] == f"DataError: {pc_data}:7: broken row (on rank 1)"
+
+
+def test_a_signal_on_one_rank_stops_both_after_the_same_step(llama, pc_data, tmp_path):
+    cfg = config(llama, pc_data, tmp_path / "out", save_every=2)
+    launched = launch(cfg, patch=sigterm_on_rank_1)
+    for rank in (0, 1):
+        assert launched[rank].startswith("Interrupted: stopped by SIGTERM after step 2 of 4")
+    assert losses(tmp_path / "out") and len(losses(tmp_path / "out")) == 2
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both(llama, pc_data, tmp_path):
+    assert launch(config(llama, pc_data, tmp_path / "out"), patch=nan_on_rank_1) == {
+        0: "ok",
+        1: "ok",
+    }
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows if "loss" in r] == [False, True, False, False]
 
 
 def test_a_bad_row_ends_both_ranks_with_its_file_and_line(llama, pc_data, tmp_path):

@@ -100,6 +100,11 @@ def setup(train: TrainConfig) -> Dist:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
         _OWNED = True
+        if dist.get_rank() != 0:  # rank 0 speaks for all: no loading reports and bars N times
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
     return current()
 
 
