@@ -279,25 +279,18 @@ def run_training(cfg: Config, resume: bool = False) -> RunResult:
             c.device,
             run.resume_from or False,
         )
-        if not distributed.current().is_main:  # rank 0 saves the artifacts and the report
+        main = distributed.current().is_main
+        if result.gather is not None:  # FSDP: rank 0 gets a whole model to save
+            whole = None
+            if main:  # loaded again as training started (the frozen weights are those on disk)
+                whole, _, method, _ = setup_model(cfg, run.task.head, c.device)
+                c.model, c.method = whole, method
+            result.gather(whole)
+        if not main:  # rank 0 saves the artifacts and the report
             return RunResult(c.out, {"steps": result.steps, "train_loss": result.final_train_loss})
-        if result.final_weights is not None:
-            gathered(run, result.final_weights)
         return finish_run(run, result)
     finally:
         distributed.teardown()
-
-
-def gathered(run: Run, weights: dict[str, torch.Tensor]) -> None:
-    """After FSDP: rank 0 loads the model again (whole, as training started) and puts the
-    trained weights, gathered from every rank, into it; the run is then saved as usual."""
-    cfg, ctx = run.ctx.cfg, run.ctx
-    model, _, method, _ = setup_model(cfg, run.task.head, ctx.device)
-    missing = set(weights) - {n for n, _ in model.named_parameters()}
-    if missing:
-        raise TunesmithError(f"gathered weights do not fit the model (e.g. {sorted(missing)[:3]}).")
-    model.load_state_dict(weights, strict=False)
-    ctx.model, ctx.method = model, method
 
 
 def finish_run(run: Run, result: LoopResult) -> RunResult:

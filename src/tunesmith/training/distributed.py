@@ -286,23 +286,23 @@ class Parallel:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def full_trainable_state(self) -> dict[str, torch.Tensor] | None:
-        """FSDP: the trainable weights gathered whole on rank 0's CPU (collective; None on other
-        ranks and for other strategies, whose rank-0 model already holds them)."""
-        if self.strategy != "fsdp":
-            return None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        state = get_model_state_dict(
-            self.model,
-            options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
-            ),
-        )
-        return state if self.dist.is_main else None
+    def gather_into(self, target: nn.Module | None) -> None:
+        """FSDP, collective: copy the trained weights, one parameter at a time gathered whole,
+        into ``target`` (rank 0's plain copy of the model; None on the other ranks). At no
+        moment does a rank hold more than its shards, ``target`` and one whole parameter."""
+        params = dict(target.named_parameters()) if target is not None else {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:  # frozen: as loaded from disk
+                    continue
+                whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+                if target is not None:
+                    if name not in params:
+                        raise TunesmithError(
+                            f"trained weight {name} has no place in the model loaded again."
+                        )
+                    params[name].copy_(whole)
+                del whole
 
 
 def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:

@@ -19,7 +19,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,9 +53,9 @@ class LoopResult:
     train_seconds: float
     peak_memory_mb: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    final_weights: dict[str, torch.Tensor] | None = None
-    """FSDP: the trainable weights gathered whole on rank 0 (by parameter name), for the final
-    save; None when the model itself holds them."""
+    gather: Callable[[nn.Module | None], None] | None = None
+    """FSDP: a collective that copies the trained weights, gathered whole, into rank 0's plain
+    model (None on other ranks); None when the model itself holds them whole."""
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -409,7 +409,6 @@ def train_loop(
         if cfg.save_every:
             t_mark = time.perf_counter()
             checkpoint(steps)
-    final_weights = par.full_trainable_state()
     return LoopResult(
         steps=steps,
         final_train_loss=loss,
@@ -418,7 +417,7 @@ def train_loop(
         train_seconds=train_seconds,
         peak_memory_mb=peak_memory_mb(device),
         history=log.read() if d.is_main else [],
-        final_weights=final_weights,
+        gather=par.gather_into if par.strategy == "fsdp" else None,
     )
 
 
