@@ -314,3 +314,32 @@ def test_a_second_offline_run_reuses_the_cache_without_loading_the_teacher(
     # The student is the teacher's model: the cached positions line up, so the KL is 0 and
     # every position agrees.
     assert abs(loss.item()) < 1e-5 and metrics["agreement"] == batch.n_supervised
+
+
+def test_offline_classifier_teacher_caches_its_class_log_probs(tmp_path):
+    from conftest import bert_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = bert_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    teacher, student = BertForSequenceClassification(config), BertForSequenceClassification(config)
+    teacher.eval(), student.eval()
+    texts = ["the film was good", "the plot was very dull", "great"]
+    examples = []
+    for n, text in enumerate(texts):
+        ids = np.array(tok(text)["input_ids"], dtype=np.int64)
+        ex = Example(ids, np.full_like(ids, IGNORE), str(n), token_types=np.zeros_like(ids))
+        ex.extras["label"] = n
+        examples.append(ex)
+    _attach(teacher, examples, 32, 3, tmp_path, token_level=False)  # k above the 3 classes: all
+    batch = collate(examples, [[0], [1], [2]], 0)
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(**batch.model_inputs()).logits, -1).sort(-1, True)
+    torch.testing.assert_close(batch.extras["teacher_logp"], want.values)
+    cfg = DistillConfig(weights=DistillWeights(kl=1.0, hard=1.0))
+    offline, _ = DistillObjective(cfg, None, 3, token_level=False)(student, batch)
+    plain = collate([Example(e.input_ids, e.labels, e.origin, {"label": e.extras["label"]}, e.token_types) for e in examples], [[0], [1], [2]], 0)  # fmt: skip
+    online, _ = DistillObjective(cfg, teacher, 3, token_level=False)(student, plain)
+    assert offline.item() == pytest.approx(online.item(), rel=1e-6)
