@@ -343,3 +343,21 @@ def test_offline_classifier_teacher_caches_its_class_log_probs(tmp_path):
     plain = collate([Example(e.input_ids, e.labels, e.origin, {"label": e.extras["label"]}, e.token_types) for e in examples], [[0], [1], [2]], 0)  # fmt: skip
     online, _ = DistillObjective(cfg, teacher, 3, token_level=False)(student, plain)
     assert offline.item() == pytest.approx(online.item(), rel=1e-6)
+
+
+def test_weights_fingerprint_follows_weight_files_not_checkpoints(tmp_path):
+    import os
+
+    from tunesmith.models import weights_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 8)
+    before = weights_fingerprint(str(tmp_path))
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"1")
+    (tmp_path / "report.md").write_text("notes")
+    assert weights_fingerprint(str(tmp_path)) == before
+    st = (tmp_path / "model.safetensors").stat()
+    os.utime(tmp_path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights_fingerprint(str(tmp_path)) != before
+    assert weights_fingerprint("org/model") != weights_fingerprint("org/model", "v2")
