@@ -94,21 +94,29 @@ def review(rng: random.Random, unseen: float) -> tuple[str, str]:
     return f"{ca} and {cb}.", LABELS[a + 1] if a == b else "mixed"
 
 
-def make_data(root: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+def make_data(root: Path, n_train: int, n_eval: int, n_dev: int, seed: int = 0) -> dict[str, Path]:
+    """Train (5% noisy labels), test and dev splits as JSONL under ``root``. Dev is drawn like
+    test (clean labels, half the clauses with unseen adjectives) from its own generator, so
+    recipe choices are made on dev and the test split is only reported."""
     rng = random.Random(seed)
-    train, held = [], []
+    rows: dict[str, list[dict[str, str]]] = {"train": [], "eval": [], "dev": []}
     for _ in range(n_train):
         text, label = review(rng, unseen=0.0)
         if rng.random() < 0.05:
             label = rng.choice(LABELS)
-        train.append({"text": text, "label": label})
+        rows["train"].append({"text": text, "label": label})
     for _ in range(n_eval):
         text, label = review(rng, unseen=0.5)
-        held.append({"text": text, "label": label})
+        rows["eval"].append({"text": text, "label": label})
+    dev_rng = random.Random(seed + 1)
+    for _ in range(n_dev):
+        text, label = review(dev_rng, unseen=0.5)
+        rows["dev"].append({"text": text, "label": label})
     root.mkdir(parents=True, exist_ok=True)
-    paths = root / "train.jsonl", root / "eval.jsonl"
-    for path, rows in zip(paths, (train, held)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = {}
+    for name, split in rows.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in split))
     return paths
 
 
@@ -159,24 +167,58 @@ def throughput(
     return len(texts) / best, sum(p.numel() for p in model.parameters())
 
 
+def scores(run_dir: Path, split: Path) -> tuple[float, float]:
+    """(accuracy, macro-F1) of a classifier run on a labelled JSONL split (``tunesmith.predict``)."""
+    from sklearn.metrics import f1_score
+
+    from tunesmith.predict import predict
+
+    rows = [json.loads(x) for x in split.read_text().splitlines()]
+    got = [p.label for p in predict(str(run_dir), [(r["text"], None) for r in rows])]
+    gold = [r["label"] for r in rows]
+    accuracy = sum(g == p for g, p in zip(gold, got)) / len(rows)
+    return accuracy, float(f1_score(gold, got, average="macro", labels=LABELS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=3000)
-    ap.add_argument("--eval", type=int, default=600)
-    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--eval", type=int, default=600, help="test reviews (reported)")
+    ap.add_argument(
+        "--dev", type=int, default=400, help="dev reviews (runs score it while training)"
+    )
+    ap.add_argument("--epochs", type=float, default=3, help="teacher epochs (LoRA: twice)")
     ap.add_argument("--out", default="runs/bench-minilm")
     ap.add_argument("--skip", default="", help="comma-separated runs to skip: full,lora,student")
+    ap.add_argument(
+        "--split", choices=("test", "dev"), default="test", help="split the table scores"
+    )
+    g = ap.add_argument_group("student recipe (choose on --split dev)")
+    g.add_argument("--student-dir", default="student", help="folder under --out for this recipe")
+    g.add_argument("--layers", default="0,2,4", help="teacher layers the student keeps")
+    g.add_argument("--student-epochs", type=float, default=None, help="default: --epochs")
+    g.add_argument("--student-lr", type=float, default=1e-4)
+    g.add_argument("--temperature", type=float, default=2.0)
+    g.add_argument("--kl", type=float, default=1.0)
+    g.add_argument("--hard", type=float, default=0.5)
+    g.add_argument("--hidden", type=float, default=0.0, help="hidden-state cosine weight")
+    g.add_argument("--teacher-cache", choices=("online", "offline"), default="online")
     a = ap.parse_args()
 
     import tunesmith
 
     out = Path(a.out)
-    train, held = make_data(out / "data", a.train, a.eval)
+    data = make_data(out / "data", a.train, a.eval, a.dev)
     base = minilm_path()
     common = {
         "model": str(base),
         "task": "classify",
-        "data": {"train": str(train), "eval": str(held), "max_length": 48, "labels": LABELS},
+        "data": {
+            "train": str(data["train"]),
+            "eval": str(data["dev"]),  # never the test split: it is only reported
+            "max_length": 48,
+            "labels": LABELS,
+        },
         "train": {
             "epochs": a.epochs,
             "batch_size": 32,
@@ -201,24 +243,30 @@ def main() -> None:
             },
         ),  # fmt: skip
     }
-    teacher_dir = out / "full"
-    runs["3-layer student, distilled"] = (
-        "student",
+    layers = [int(x) for x in a.layers.split(",")]
+    student = f"{len(layers)}-layer student {layers}, distilled"
+    runs[student] = (
+        a.student_dir,
         {
             **common,
             "task": "distill_classify",
             "method": "full",
             "distill_classify": {
-                "teacher": str(teacher_dir),
-                "student": {"layers": [0, 2, 4]},
-                "temperature": 2.0,
-                "weights": {"kl": 1.0, "hard": 0.5},
+                "teacher": str(out / "full"),
+                "student": {"layers": layers},
+                "temperature": a.temperature,
+                "weights": {"kl": a.kl, "hard": a.hard, "hidden": a.hidden},
+                "teacher_cache": a.teacher_cache,
             },
-            "train": {**common["train"], "lr": 1e-4},
+            "train": {
+                **common["train"],
+                "lr": a.student_lr,
+                "epochs": a.student_epochs or a.epochs,
+            },
         },
     )
     skip = set(filter(None, a.skip.split(",")))
-    results = {}
+    done = []
     for name, (folder, cfg) in runs.items():
         run_dir = out / folder
         if folder not in skip and not (run_dir / "run.json").exists():
@@ -226,45 +274,37 @@ def main() -> None:
             tunesmith.train({**cfg, "output_dir": str(run_dir)})
             print(f"{name}: trained in {time.perf_counter() - t0:.0f}s")
         if (run_dir / "run.json").exists():
-            results[name] = json.loads((run_dir / "run.json").read_text()) | {"dir": run_dir}
+            done.append((name, run_dir, json.loads((run_dir / "run.json").read_text())))
 
-    texts = [json.loads(x)["text"] for x in held.read_text().splitlines()]
+    split = data["eval" if a.split == "test" else "dev"]
+    texts = [json.loads(x)["text"] for x in split.read_text().splitlines()]
     rows = []
-    for name, r in results.items():
-        speed, params = throughput(r["dir"], texts)
-        rows.append(
-            (
-                name,
-                params,  # of the saved model (LoRA merged in)
-                r["trainable_params"],
-                r["eval_accuracy"],
-                r.get("eval_macro_f1", r.get("student_eval_macro_f1")),
-                speed,
-            )
-        )
-    kw = keyword_baseline(train, held)
+    for name, run_dir, r in done:
+        speed, params = throughput(run_dir, texts)
+        acc, f1 = scores(run_dir, split)
+        # params: of the saved model (LoRA merged in)
+        rows.append((name, params, r["trainable_params"], acc, f1, speed))
+    kw = keyword_baseline(data["train"], split)
     print(
-        f"\nheld-out: {len(texts)} reviews (clean labels; half the clauses use unseen adjectives)"
+        f"\n{a.split} split: {len(texts)} reviews (clean labels; half the clauses use unseen adjectives)"
     )
     print(f"bag-of-words + bigrams logistic regression: accuracy {kw:.3f}\n")
-    print("| model | params | trained | held-out accuracy | macro-F1 | examples/s (CPU) |")
+    print(f"| model | params | trained | {a.split} accuracy | macro-F1 | examples/s (CPU) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, total, trained, acc, f1, speed in rows:
         print(
             f"| {name} | {total / 1e6:.1f} M | {trained / 1e6:.2f} M | {acc:.3f} | {f1:.3f} | {speed:,.0f} |"
         )
     names = [r[0] for r in rows]
-    if "MiniLM-L6 full (teacher)" in names and "3-layer student, distilled" in names:
-        t, s = (
-            rows[names.index("MiniLM-L6 full (teacher)")],
-            rows[names.index("3-layer student, distilled")],
-        )
+    teacher = "MiniLM-L6 full (teacher)"
+    if teacher in names and student in names:
+        t, s = rows[names.index(teacher)], rows[names.index(student)]
         print(
-            f"\nstudent / teacher: accuracy {s[3] / t[3]:.3f}, speed {s[5] / t[5]:.2f}x, params {s[1] / t[1]:.2f}"
+            f"\nstudent / teacher: accuracy {s[3] / t[3]:.3f}, macro-F1 {s[4] / t[4]:.3f}, "
+            f"speed {s[5] / t[5]:.2f}x, params {s[1] / t[1]:.2f}"
         )
-    if "MiniLM-L6 LoRA r16" in names and "MiniLM-L6 full (teacher)" in names:
-        lo = rows[names.index("MiniLM-L6 LoRA r16")]
-        t = rows[names.index("MiniLM-L6 full (teacher)")]
+    if "MiniLM-L6 LoRA r16" in names and teacher in names:
+        lo, t = rows[names.index("MiniLM-L6 LoRA r16")], rows[names.index(teacher)]
         print(f"LoRA / full accuracy: {lo[3] / t[3]:.3f}")
 
 

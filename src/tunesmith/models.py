@@ -250,6 +250,35 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").exists() and (Path(path) / "run.json").exists()
 
 
+# Files that make a model what it is (weights and configs), and the folders a run writes beside
+# them that are derived or unrelated (checkpoints, the merged copy, a student built from it).
+_IDENTITY_SUFFIXES = {".json", ".safetensors", ".bin", ".yaml"}
+_DERIVED = {"checkpoints", "merged", "student-init"}
+
+
+def weights_fingerprint(name: str, revision: str | None = None) -> str:
+    """A hex digest of a model's identity without loading it: for a folder, the size and
+    modification time of every config and weight file under it (``checkpoints/``, ``merged/``
+    and ``student-init/`` excluded); a run folder of an adapter adds its base model's; anything
+    else (a hub id) is its name and revision. Changing a weight file changes the digest."""
+    import hashlib
+
+    h = hashlib.sha256(f"{name}|{revision}".encode())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return h.hexdigest()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.suffix not in _IDENTITY_SUFFIXES or rel.parts[0] in _DERIVED or not f.is_file():
+            continue
+        st = f.stat()
+        h.update(f"{rel.as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if is_run_dir(path) and json.loads((path / "run.json").read_text())["artifact"] == "adapter":
+        base = load_config(path / "config.yaml").model
+        h.update(weights_fingerprint(resolve_model_path(base.name), base.revision).encode())
+    return h.hexdigest()
+
+
 def load_for_inference(
     path_or_name: str, device: torch.device | None = None
 ) -> tuple[nn.Module, Any, Config | None]:

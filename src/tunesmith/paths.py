@@ -1,5 +1,5 @@
 """Where tunesmith keeps what it builds once and reuses: the built-in models and cached
-reference log-probs (``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else
+reference and teacher log-probs (``$TUNESMITH_CACHE``, else ``$XDG_CACHE_HOME/tunesmith``, else
 ``~/.cache/tunesmith``)."""
 
 from __future__ import annotations

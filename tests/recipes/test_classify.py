@@ -217,7 +217,7 @@ def test_predict_command_with_pairs_and_a_file(tiny_bert, sentiment, tmp_path, c
     assert main(["predict", str(out), "--text", "a", "--text-pair", "b", "--text-pair", "c"]) == 2
 
 
-def test_distilled_bert_student_from_a_classify_run(tiny_bert, sentiment, tmp_path):
+def test_distilled_bert_student_from_a_classify_run(tiny_bert, sentiment, tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"
     run_training(classify_cfg(tiny_bert, sentiment, teacher, "full"))
     cfg = classify_cfg(tiny_bert, sentiment, tmp_path / "student", "full")
@@ -235,3 +235,24 @@ def test_distilled_bert_student_from_a_classify_run(tiny_bert, sentiment, tmp_pa
     assert m["student_eval_accuracy"] >= 0.9 * m["teacher_eval_accuracy"]
     assert "## Student and teacher (held out)" in (tmp_path / "student" / "report.md").read_text()
     assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 1
+
+    # Offline: the teacher's class log-probs are computed once; a second run reuses them.
+    from tunesmith.objectives import teacher_cache
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    computed = []
+    compute = teacher_cache.compute_teacher_top_k
+    monkeypatch.setattr(
+        teacher_cache,
+        "compute_teacher_top_k",
+        lambda *a, **k: computed.append(1) or compute(*a, **k),
+    )
+    raw["distill_classify"]["weights"] = {"kl": 1.0, "hard": 0.5}
+    raw["distill_classify"]["teacher_cache"] = "offline"
+    for out in ("offline-a", "offline-b"):
+        raw["output_dir"] = str(tmp_path / out)
+        m = run_training(load_config(raw)).metrics
+        assert m["student_eval_accuracy"] >= 0.9 * m["teacher_eval_accuracy"]
+    assert len(computed) == 2  # train and eval, in the first run only
+    cached = sorted((tmp_path / "cache" / "teacher").glob("*.safetensors"))
+    assert len(cached) == 2

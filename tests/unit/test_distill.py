@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_bert
@@ -174,3 +175,189 @@ def test_a_teacher_of_another_vocabulary_stops_the_run(llama, tiny_models, tmp_p
     )
     with pytest.raises(TunesmithError, match="has another vocabulary"):
         setup_run(cfg)
+
+
+def _attach(teacher, examples, k, width, tmp_path, token_level=True):
+    from tunesmith.objectives.teacher_cache import attach_teacher_top_k, compute_teacher_top_k
+
+    def compute():
+        return compute_teacher_top_k(
+            teacher, examples, k, width, token_level, 2, torch.device("cpu"), "fp32"
+        )
+
+    return attach_teacher_top_k(examples, tmp_path / f"k{k}.safetensors", compute)
+
+
+def _examples():
+    ids = [[1, 5, 6, 7, 2], [1, 8, 9, 2], [1, 4, 3, 3, 6, 2]]
+    labels = [
+        [IGNORE, IGNORE, 7, 2, IGNORE],
+        [IGNORE, 9, 2, IGNORE],
+        [IGNORE, IGNORE, IGNORE, 6, 2, IGNORE],
+    ]
+    return [
+        Example(np.array(i, dtype=np.int64), np.array(y, dtype=np.int64), str(n))
+        for n, (i, y) in enumerate(zip(ids, labels))
+    ]
+
+
+def test_offline_teacher_with_k_equal_to_the_vocabulary_gives_the_online_loss(tmp_path):
+    teacher, student = _llama(2, seed=1), _llama(1, seed=2)
+    cfg = DistillConfig(
+        temperature=2.0, weights=DistillWeights(kl=1.0, reverse_kl=0.3, jsd=0.2, hard=0.5)
+    )
+    examples = _examples()
+    assert _attach(teacher, examples, 40, 40, tmp_path) is False  # computed, not reused
+    batch = collate(examples, [[0], [1], [2]], 0)
+    assert batch.extras["teacher_logp"].shape == (batch.n_supervised, 40)
+    offline, m_off = DistillObjective(cfg, None, 40, token_level=True)(student, batch)
+    online_batch = collate([Example(e.input_ids, e.labels, e.origin) for e in examples], [[0], [1], [2]], 0)  # fmt: skip
+    online, m_on = DistillObjective(cfg, teacher, 40, token_level=True)(student, online_batch)
+    assert offline.item() == pytest.approx(online.item(), rel=1e-6)
+    assert m_off["agreement"] == m_on["agreement"]
+    offline.backward()
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_cached_top_k_equals_the_online_teachers_top_k_and_the_loss_renormalises(tmp_path):
+    teacher, student = _llama(2, seed=1), _llama(1, seed=2)
+    examples = _examples()
+    _attach(teacher, examples, 5, 40, tmp_path)
+    batch = collate(examples, [[0], [1], [2]], 0)
+    mask = batch.supervised
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(**batch.model_inputs()).logits[mask], -1)
+    want_values, want_index = logp.topk(5, -1)
+    torch.testing.assert_close(batch.extras["teacher_logp"], want_values)
+    assert batch.extras["teacher_index"].long().equal(want_index)
+    cfg = DistillConfig(temperature=3.0, weights=DistillWeights(kl=1.0))
+    loss, _ = DistillObjective(cfg, None, 40, token_level=True)(student, batch)
+    # By hand: KL between the teacher's and the student's distributions restricted to the
+    # teacher's top 5 and renormalised, at T = 3 (x T^2).
+    s = student(**batch.model_inputs()).logits[mask].gather(-1, want_index)
+    log_p, log_q = torch.log_softmax(want_values / 3, -1), torch.log_softmax(s / 3, -1)
+    by_hand = 9 * (log_p.exp() * (log_p - log_q)).sum()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # A second call reads the file back: the same values, reused.
+    again = _examples()
+    assert _attach(None, again, 5, 40, tmp_path) is True
+    assert all(
+        (a.extras["teacher_logp"] == b.extras["teacher_logp"]).all()
+        for a, b in zip(examples, again)
+    )
+
+
+def test_packed_rows_carry_their_cached_positions_in_label_order(tmp_path):
+    examples = _examples()
+    _attach(_llama(2, seed=1), examples, 3, 40, tmp_path)
+    packed = collate(examples, [[0, 2], [1]], 0)
+    assert packed.packed
+    want = np.concatenate([examples[i].extras["teacher_index"] for i in (0, 2, 1)])
+    assert packed.extras["teacher_index"].numpy().tolist() == want.tolist()
+    assert packed.extras["teacher_index"].shape[0] == packed.n_supervised
+
+
+def test_offline_settings_are_validated():
+    with pytest.raises(ConfigError, match="teacher_cache"):
+        DistillConfig(teacher_cache="disk").check("distill")
+    with pytest.raises(ConfigError, match="top_k"):
+        DistillConfig(teacher_cache="offline", top_k=0).check("distill")
+    with pytest.raises(ConfigError, match=r"distill.weights.hidden: .*teacher_cache=online"):
+        DistillConfig(teacher_cache="offline", weights=DistillWeights(hidden=1.0)).check("distill")
+
+
+def test_a_second_offline_run_reuses_the_cache_without_loading_the_teacher(
+    llama, pc_data, tmp_path, monkeypatch
+):
+    from tunesmith.config import load_config
+    from tunesmith.objectives import teacher_cache
+    from tunesmith.pipeline import setup_run
+    from tunesmith.tasks import distill as distill_task
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    calls = {"compute": 0, "load": 0}
+    compute, load = teacher_cache.compute_teacher_top_k, distill_task.load_teacher
+
+    def counting_compute(*a, **k):
+        calls["compute"] += 1
+        return compute(*a, **k)
+
+    def counting_load(*a, **k):
+        calls["load"] += 1
+        return load(*a, **k)
+
+    monkeypatch.setattr(teacher_cache, "compute_teacher_top_k", counting_compute)
+    monkeypatch.setattr(distill_task, "load_teacher", counting_load)
+
+    def run(out):
+        cfg = load_config(
+            {
+                "model": str(llama),
+                "task": "distill",
+                "method": "full",
+                "distill": {"teacher": str(llama), "teacher_cache": "offline", "top_k": 4},
+                "data": {"train": str(pc_data), "eval": 0.25, "max_length": 64},
+                "train": {"progress": False, "batch_size": 4},
+                "output_dir": str(tmp_path / out),
+            }
+        )
+        return setup_run(cfg)
+
+    first = run("a")
+    assert calls == {"compute": 2, "load": 1}  # train and eval split, one teacher load
+    assert first.objective.teacher is None  # training holds no teacher
+    second = run("b")
+    assert calls == {"compute": 2, "load": 1}  # reused: no teacher loaded, none run
+    batch = next(second.source.stream())
+    assert batch.extras["teacher_logp"].shape == (batch.n_supervised, 4)
+    loss, metrics = second.objective(second.ctx.model, batch)
+    # The student is the teacher's model: the cached positions line up, so the KL is 0 and
+    # every position agrees.
+    assert abs(loss.item()) < 1e-5 and metrics["agreement"] == batch.n_supervised
+
+
+def test_offline_classifier_teacher_caches_its_class_log_probs(tmp_path):
+    from conftest import bert_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = bert_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    teacher, student = BertForSequenceClassification(config), BertForSequenceClassification(config)
+    teacher.eval(), student.eval()
+    texts = ["the film was good", "the plot was very dull", "great"]
+    examples = []
+    for n, text in enumerate(texts):
+        ids = np.array(tok(text)["input_ids"], dtype=np.int64)
+        ex = Example(ids, np.full_like(ids, IGNORE), str(n), token_types=np.zeros_like(ids))
+        ex.extras["label"] = n
+        examples.append(ex)
+    _attach(teacher, examples, 32, 3, tmp_path, token_level=False)  # k above the 3 classes: all
+    batch = collate(examples, [[0], [1], [2]], 0)
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(**batch.model_inputs()).logits, -1).sort(-1, True)
+    torch.testing.assert_close(batch.extras["teacher_logp"], want.values)
+    cfg = DistillConfig(weights=DistillWeights(kl=1.0, hard=1.0))
+    offline, _ = DistillObjective(cfg, None, 3, token_level=False)(student, batch)
+    plain = collate([Example(e.input_ids, e.labels, e.origin, {"label": e.extras["label"]}, e.token_types) for e in examples], [[0], [1], [2]], 0)  # fmt: skip
+    online, _ = DistillObjective(cfg, teacher, 3, token_level=False)(student, plain)
+    assert offline.item() == pytest.approx(online.item(), rel=1e-6)
+
+
+def test_weights_fingerprint_follows_weight_files_not_checkpoints(tmp_path):
+    import os
+
+    from tunesmith.models import weights_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 8)
+    before = weights_fingerprint(str(tmp_path))
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"1")
+    (tmp_path / "report.md").write_text("notes")
+    assert weights_fingerprint(str(tmp_path)) == before
+    st = (tmp_path / "model.safetensors").stat()
+    os.utime(tmp_path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights_fingerprint(str(tmp_path)) != before
+    assert weights_fingerprint("org/model") != weights_fingerprint("org/model", "v2")

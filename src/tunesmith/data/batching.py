@@ -133,11 +133,15 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
         n_tokens += t
         pos[b, t:] = np.arange(width - t)  # padding forms its own block
     extras = {}
-    if all(len(row) == 1 for row in rows):
-        first = examples[rows[0][0]].extras
-        for key in first:
-            if all(key in examples[row[0]].extras for row in rows):
-                extras[key] = torch.tensor([examples[row[0]].extras[key] for row in rows])
+    one_per_row = all(len(row) == 1 for row in rows)
+    for key, value in examples[rows[0][0]].extras.items():
+        if not all(key in examples[i].extras for row in rows for i in row):
+            continue
+        if isinstance(value, np.ndarray):  # rows per scored position: batch order, as labels[mask]
+            parts = [examples[i].extras[key] for row in rows for i in row]
+            extras[key] = torch.from_numpy(np.concatenate(parts))
+        elif one_per_row:
+            extras[key] = torch.tensor([examples[row[0]].extras[key] for row in rows])
     return Batch(
         torch.from_numpy(ids),
         torch.from_numpy(mask),

@@ -24,9 +24,10 @@ class Example:
     input_ids: np.ndarray  # (L,) int64
     labels: np.ndarray  # (L,) int64, already shifted; IGNORE where not supervised
     origin: str
-    extras: dict[str, float | int] = field(default_factory=dict)
-    """Per-example values a task attaches (a cached reference log-prob, a class label, ...);
-    collated into ``Batch.extras`` for one-example rows."""
+    extras: dict[str, float | int | np.ndarray] = field(default_factory=dict)
+    """Per-example values a task attaches (a cached reference log-prob, a class label, ...):
+    numbers are collated into ``Batch.extras`` for one-example rows; arrays (one row per scored
+    position, e.g. a cached teacher's top-k) are concatenated in batch order, packed rows too."""
     token_types: np.ndarray | None = None
     """(L,) segment ids of a text pair (BERT's token_type_ids), when the tokenizer makes them."""
 
@@ -107,3 +108,12 @@ def tokenize_segments(
         nxt = input_ids[1:]
         labels[:-1] = np.where(np.asarray(sup[1:]), nxt, IGNORE)
     return Example(input_ids, labels, origin), truncated
+
+
+def fingerprint_examples(h: Any, examples: list[Example]) -> None:
+    """Feed the tokenised data (ids, targets, segment ids) of ``examples`` into the hash ``h``."""
+    for ex in examples:
+        h.update(ex.input_ids.tobytes())
+        h.update(ex.labels.tobytes())
+        if ex.token_types is not None:
+            h.update(ex.token_types.tobytes())

@@ -14,8 +14,21 @@ position, temperature T, p = softmax(t / T) and q = softmax(s / T):
 The T^2 factor keeps the soft-target gradients' scale independent of T (Hinton et al. 2015).
 The objective is the weighted sum of the terms whose weight is non-zero; each term is summed over
 the scored positions (supervised tokens of a causal LM, one per sequence for a classifier) and
-the loop divides by their number. The teacher runs in ``no_grad`` on the same batch (online).
-Each loss is its own function found by name in ``LOSSES``.
+the loop divides by their number. Each loss is its own function found by name in ``LOSSES``.
+
+The teacher either runs in ``no_grad`` on the same batch (``teacher_cache: online``), or its
+top-k log-probs were computed once and ride in the batch (``offline``, ``teacher_cache.py``):
+at each scored position, l = log softmax(t) and K = the ids of the k largest l. The soft losses
+then compare both distributions restricted to K and renormalised,
+
+    p~ = softmax(l_K / T),   q~ = softmax(s_K / T),
+
+which are proper distributions over K, so KL, reverse KL and JSD stay finite and well-defined.
+softmax is shift-invariant, so l_K / T gives the same p~ as t_K / T: a cache made at T = 1
+serves every temperature (and the top k are the same ids at every T). With k >= V, p~ = p and
+q~ = q: the loss is the online loss. What top-k leaves out: the teacher's tail mass outside K and
+the student's mass there get no soft target (``hard`` still scores the true token); a tail
+bucket would keep that mass, but its size depends on T, so the cache would be tied to one T.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch import nn
 from tunesmith.data.batching import Batch
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.objectives.sft import _accepts_logits_to_keep
+from tunesmith.paths import cache_root
 
 
 def kl_divergence(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Tensor:
@@ -106,6 +120,13 @@ class DistillConfig:
     """Dtype the teacher is loaded in (``bfloat16`` halves its memory on a GPU)."""
     student: StudentConfig | None = None
     """Build the student from the teacher (DistilBERT's recipe); null: ``model`` is the student."""
+    teacher_cache: str = "online"
+    """``online``: the teacher runs on every batch. ``offline``: its top-k log-probs are computed
+    once, cached on disk (``<cache>/teacher/``, keyed by teacher, data and k) and reused by later
+    runs, which then never load the teacher while training (``hidden`` needs ``online``)."""
+    top_k: int = 32
+    """Teacher log-probs kept per scored position when offline (all of a classifier's classes
+    when it has no more than k)."""
 
     def check(self, prefix: str) -> None:
         if self.temperature <= 0:
@@ -117,6 +138,17 @@ class DistillConfig:
         if any(v < 0 for v in values.values()) or not any(values.values()):
             raise ConfigError(
                 f"{prefix}.weights: got {values}; give non-negative weights, at least one above 0."
+            )
+        if self.teacher_cache not in ("online", "offline"):
+            raise ConfigError(
+                f"{prefix}.teacher_cache: got {self.teacher_cache!r}; allowed: online, offline."
+            )
+        if self.top_k < 1:
+            raise ConfigError(f"{prefix}.top_k: got {self.top_k}; must be >= 1.")
+        if self.teacher_cache == "offline" and w.hidden > 0:
+            raise ConfigError(
+                f"{prefix}.weights.hidden: hidden-state alignment needs the teacher's hidden states, "
+                f"which the offline cache does not keep; set {prefix}.teacher_cache=online or hidden to 0."
             )
         if self.teacher_dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(
@@ -142,6 +174,9 @@ class StudentConfig:
                 f"{prefix}.layers: got {self.layers}; give teacher layer indices >= 0."
             )
 
+
+CACHE_FOLDER = "teacher"
+"""Where offline teacher log-probs live under ``paths.cache_root()``."""
 
 # Names of the losses (and weights) that compare distributions: (teacher, student, T, cfg) -> (N,).
 SOFT: dict[str, Callable[[torch.Tensor, torch.Tensor, DistillConfig], torch.Tensor]] = {
@@ -180,16 +215,33 @@ def check_same_vocabulary(student_tok: Any, teacher_tok: Any, teacher: str) -> N
         )
 
 
+def scored_logits(
+    model: nn.Module, batch: Batch, token_level: bool, width: int, hidden: bool = False
+) -> tuple[torch.Tensor, Any]:
+    """((N, width) logits at the scored positions, the model output): supervised tokens of a
+    causal LM in batch order (as ``labels[supervised]``), or one row per sequence."""
+    kwargs: dict[str, Any] = {"use_cache": False, "output_hidden_states": hidden}
+    if token_level and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = batch.supervised
+    out = model(**batch.model_inputs(), **kwargs)
+    logits = out.logits
+    if token_level and logits.dim() == 3:
+        logits = logits[batch.supervised]  # (N, V)
+    return logits[..., :width], out
+
+
 class DistillObjective:
-    """The weighted distillation loss against a frozen teacher run on the same batch."""
+    """The weighted distillation loss against a frozen teacher run on the same batch (online), or
+    against the teacher's top-k log-probs the batch carries (``teacher_logp``, ``teacher_index``;
+    ``teacher`` is then None)."""
 
     name = "distill"
 
     def __init__(
-        self, cfg: DistillConfig, teacher: nn.Module, width: int, token_level: bool
+        self, cfg: DistillConfig, teacher: nn.Module | None, width: int, token_level: bool
     ) -> None:
         self.cfg = cfg
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.width = width
         self.token_level = token_level
         self.terms = {k: getattr(cfg.weights, k) for k in LOSSES if getattr(cfg.weights, k) > 0}
@@ -197,26 +249,33 @@ class DistillObjective:
     def count(self, batch: Batch) -> int:
         return batch.n_supervised if self.token_level else batch.input_ids.shape[0]
 
-    def _forward(self, model: nn.Module, batch: Batch, hidden: bool) -> tuple[torch.Tensor, Any]:
-        kwargs: dict[str, Any] = {"use_cache": False, "output_hidden_states": hidden}
-        if self.token_level and _accepts_logits_to_keep(model):
-            kwargs["logits_to_keep"] = batch.supervised
-        out = model(**batch.model_inputs(), **kwargs)
-        logits = out.logits
-        if self.token_level and logits.dim() == 3:
-            logits = logits[batch.supervised]  # (N, V)
-        return logits[..., : self.width], out
-
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = "hidden" in self.terms
-        with torch.no_grad():
-            t_logits, t_out = self._forward(self.teacher, batch, hidden)
-        s_logits, s_out = self._forward(model, batch, hidden)
+        s_logits, s_out = scored_logits(model, batch, self.token_level, self.width, hidden)
+        if "teacher_logp" in batch.extras:  # offline: soft losses over the teacher's top k
+            index = batch.extras["teacher_index"].long()
+            if index.shape[0] != s_logits.shape[0]:
+                raise TunesmithError(
+                    f"distill: the cached teacher has {index.shape[0]} positions for a batch that "
+                    f"scores {s_logits.shape[0]}; delete {cache_root() / CACHE_FOLDER} and run again."
+                )
+            t_soft, s_soft, t_out = batch.extras["teacher_logp"], s_logits.gather(-1, index), None
+            t_top = index[:, 0]
+        elif self.teacher is None:
+            raise TunesmithError(
+                "distill: the batch carries no cached teacher log-probs and no teacher is loaded."
+            )
+        else:
+            with torch.no_grad():
+                t_soft, t_out = scored_logits(
+                    self.teacher, batch, self.token_level, self.width, hidden
+                )
+            s_soft, t_top = s_logits, t_soft.argmax(-1)
         total = s_logits.new_zeros(())
         metrics: dict[str, float] = {}
         for name, w in self.terms.items():
             if name in SOFT:
-                per = SOFT[name](t_logits, s_logits, self.cfg)
+                per = SOFT[name](t_soft, s_soft, self.cfg)
             elif name == "hard":
                 targets = (
                     batch.labels[batch.supervised] if self.token_level else batch.extras["label"]
@@ -228,7 +287,7 @@ class DistillObjective:
             total = total + w * part
             metrics[name] = float(part.detach())
         # Agreement with the teacher's top choice: a student-vs-teacher accuracy.
-        metrics["agreement"] = float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
+        metrics["agreement"] = float((s_logits.argmax(-1) == t_top).sum())
         if not self.token_level:
             metrics["accuracy"] = float((s_logits.argmax(-1) == batch.extras["label"]).sum())
         return total, metrics

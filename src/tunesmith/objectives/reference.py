@@ -2,8 +2,9 @@
 
 With full fine-tuning there is no frozen base to switch back to, so instead of keeping a second
 model in memory, ``log ref(y|x)`` of every response is computed before training and stored at
-``<cache>/reference/<key>.safetensors``. The key hashes the model's identity (path, config,
-weight files' sizes and times) and the tokenised data, so a change to either recomputes.
+``<cache>/reference/<key>.safetensors``. The key hashes the model's identity
+(``models.weights_fingerprint``: path, config and weight files' sizes and times) and the tokenised
+data (``fingerprint_examples``), so a change to either recomputes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import nn
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Batches
-from tunesmith.data.tokenize import Example
+from tunesmith.data.tokenize import Example, fingerprint_examples
+from tunesmith.models import weights_fingerprint
 from tunesmith.objectives.sft import sequence_logps
 from tunesmith.paths import cache_root
 from tunesmith.training.loop import autocast
@@ -26,15 +28,9 @@ from tunesmith.training.loop import autocast
 
 def cache_key(model: nn.Module, examples: list[Example], cfg: Config) -> str:
     h = hashlib.sha256()
-    source = Path(str(getattr(model.config, "_name_or_path", cfg.model.name)))
-    h.update(f"{source}|{cfg.model.dtype}|{cfg.model.revision}".encode())
-    if source.is_dir():
-        for f in sorted(source.glob("*.json")) + sorted(source.glob("*.safetensors")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for ex in examples:
-        h.update(ex.input_ids.tobytes())
-        h.update(ex.labels.tobytes())
+    source = str(getattr(model.config, "_name_or_path", cfg.model.name))
+    h.update(f"{weights_fingerprint(source, cfg.model.revision)}|{cfg.model.dtype}".encode())
+    fingerprint_examples(h, examples)
     return h.hexdigest()[:32]
 
 

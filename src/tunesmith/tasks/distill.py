@@ -3,11 +3,14 @@ labelled text): a student learns from a frozen teacher (``objectives/distill.py`
 
 The teacher is a model folder or a tunesmith run folder sharing the student's tokenizer (a
 different vocabulary stops with one line; embedding rows added only as padding are ignored). It
-runs in ``no_grad`` on every batch (online). The student is ``model`` with any method, or is
-built from the teacher with ``student: {init: from_teacher, layers: [0, 2, 4]}`` (DistilBERT's
-recipe, ``tunesmith/student.py``) into ``OUTPUT_DIR/student-init``, which then becomes
-``model.name``. For causal LMs only the supervised tokens are distilled. The report compares
-teacher and student: parameters, the held-out metric and inference speed on this machine.
+runs in ``no_grad`` on every batch (online), or, with ``teacher_cache: offline``, once per split:
+its top-k log-probs are cached on disk (``objectives/teacher_cache.py``), and a later run with
+the same teacher, data and k reuses them and never loads the teacher while training. The student
+is ``model`` with any method, or is built from the teacher with ``student: {init: from_teacher,
+layers: [0, 2, 4]}`` (DistilBERT's recipe, ``tunesmith/student.py``) into
+``OUTPUT_DIR/student-init``, which then becomes ``model.name``. For causal LMs only the
+supervised tokens are distilled. The report compares teacher and student: parameters, the
+held-out metric and inference speed on this machine.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tunesmith.models import (
     load_model,
     load_tokenizer,
     resolve_model_path,
+    weights_fingerprint,
 )
 from tunesmith.objectives.classify import class_logits
 from tunesmith.objectives.distill import (
@@ -124,11 +128,61 @@ def load_teacher(ctx: Context) -> tuple[nn.Module, Any]:
 
 def make_objective(ctx: Context) -> DistillObjective:
     s = section(ctx.cfg)
+    if s.teacher_cache == "offline":
+        return offline_objective(ctx)
     teacher, tok = load_teacher(ctx)
     check_same_vocabulary(ctx.tokenizer, tok, s.teacher)
     width = vocab_width(ctx.tokenizer, ctx.model, teacher)
     ctx.teacher = teacher  # the report compares with it without loading it again
     return DistillObjective(s, teacher, width, token_level=token_level(ctx.cfg))
+
+
+def offline_objective(ctx: Context) -> DistillObjective:
+    """The objective against the teacher's cached top-k log-probs (``objectives/teacher_cache.py``):
+    each split is looked up in the cache, and the teacher is loaded (and run once over the split)
+    only when a split is missing; it is not kept for training."""
+    from tunesmith.objectives.teacher_cache import (
+        attach_teacher_top_k,
+        compute_teacher_top_k,
+        teacher_cache_path,
+    )
+
+    cfg, s, tokens = ctx.cfg, section(ctx.cfg), token_level(ctx.cfg)
+    teacher_tok = load_tokenizer(
+        ModelConfig(name=s.teacher), s.teacher if is_run_dir(s.teacher) else None
+    )
+    check_same_vocabulary(ctx.tokenizer, teacher_tok, s.teacher)
+    # The widths vocab_width finds, read from the student alone (a classifier teacher's class
+    # list was matched in prepare; a causal teacher's padding rows are cut at the tokenizer).
+    width = len(ctx.tokenizer) if tokens else ctx.model.config.num_labels
+    # A run folder is what load_teacher loads (an adapter run: its base + the adapter).
+    fingerprint = weights_fingerprint(
+        s.teacher if is_run_dir(s.teacher) else resolve_model_path(s.teacher)
+    )
+    teacher: list[nn.Module] = []  # loaded on the first miss
+
+    def compute(examples: list[Any]) -> dict[str, torch.Tensor]:
+        if not teacher:
+            model = load_teacher(ctx)[0]
+            vocab_width(ctx.tokenizer, ctx.model, model)  # a classifier of other classes stops here
+            teacher.append(model)
+        return compute_teacher_top_k(
+            teacher[0], examples, s.top_k, width, tokens, cfg.train.batch_size, ctx.device,
+            cfg.train.precision,
+        )  # fmt: skip
+
+    splits = [ctx.data.train, ctx.data.eval] if ctx.training else [ctx.data.eval]
+    for examples in filter(None, splits):
+        path = teacher_cache_path(
+            fingerprint, examples, s.top_k, width, tokens, s.teacher_dtype, cfg.train.precision
+        )
+        reused = attach_teacher_top_k(examples, path, lambda ex=examples: compute(ex))
+        say(
+            f"teacher top-{min(s.top_k, width)} log-probs of {len(examples)} examples "
+            f"{'reused from' if reused else 'computed once and cached in'} {path}"
+        )
+    teacher.clear()  # training holds no teacher; the report loads it again to compare
+    return DistillObjective(s, None, width, token_level=tokens)
 
 
 def run_forward(model: nn.Module, batch: Any, token_level: bool) -> None:
