@@ -59,6 +59,8 @@ def replayable(ctx: Context) -> BatchSource:
         resolve_packing(d.packing, ctx.method, kind),
         t.seed,
         group=kind.group,
+        group_by_length=d.group_by_length,
+        batch_tokens=t.batch_tokens,
     )
 
 
