@@ -103,7 +103,45 @@ WORKLOADS = {
         8,
         8,
     ),
+    # GPU shapes (bench/gpu_vs_trl.py): Qwen2.5-0.5B's layout with random weights, and a tiny
+    # one to check the script on CPU.
+    "gpu-0.5b": Workload(
+        "Qwen2.5-0.5B shape (hidden 896 x 24 layers, 14 heads / 2 KV heads, 151,936 rows), "
+        "random weights, sequences of 2048 tokens",
+        VOCAB,
+        151_936,
+        896,
+        24,
+        4864,
+        14,
+        2,
+        (700, 900),
+        (800, 1000),
+        (400, 500),
+        8,
+        4,
+        max_length=2048,
+    ),
+    "gpu-tiny": Workload(
+        "tiny stand-in for the GPU shape (hidden 64 x 2 layers), sequences of 128 tokens",
+        VOCAB,
+        None,
+        64,
+        2,
+        176,
+        4,
+        2,
+        (40, 60),
+        (40, 60),
+        (20, 30),
+        4,
+        2,
+        max_length=128,
+    ),
 }
+CPU_WORKLOADS = ("long", "short", "vocab150k")
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40": 181, "L4": 121, "A10": 125}
+"""Dense bf16 peak of a GPU, by a part of its name, for MFU."""
 
 
 def words() -> list[str]:
@@ -202,7 +240,8 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
         "--workload",
         default="long",
         choices=[*WORKLOADS, "all"],
-        help="shape of the work: " + "; ".join(f"{k}: {v.about}" for k, v in WORKLOADS.items()),
+        help="shape of the work (all: the CPU ones): "
+        + "; ".join(f"{k}: {v.about}" for k, v in WORKLOADS.items()),
     )
     p.add_argument("--repeat", type=int, default=2, help="alternating pairs per comparison")
     p.add_argument("--only", default=None, help="comma-separated comparison names to run")
@@ -280,7 +319,7 @@ def main(
         return
     import torch
 
-    names = list(WORKLOADS) if a.workload == "all" else [a.workload]
+    names = list(CPU_WORKLOADS) if a.workload == "all" else [a.workload]
     only = a.only.split(",") if a.only else default or list(comparisons)
     chosen = {k: v for k, v in comparisons.items() if k in only}
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
@@ -293,6 +332,7 @@ def main(
         data = make_data(root, a.examples, w)
         tokens = count_tokens(model, data, w.max_length, pairs)
         cfg = json.loads((model / "config.json").read_text())
+        flops_per_token, peak = 6 * n_params(model), peak_flops()
         print(
             f"\n== workload {wname}: {w.about}\n   {a.examples} {describe(w)}; {tokens:,} real tokens;"
             f" vocabulary rows {cfg['vocab_size']:,}; device {device}; OMP_NUM_THREADS={threads}",
@@ -323,7 +363,8 @@ def main(
                 print(
                     f"    {name:<36} loop {med['tok_s']:>8,.0f} tok/s  whole process {med['wall']:>6.1f} s"
                     f"  peak {med['peak_mb']:>7,.0f} MB  loss {rs[0]['loss']:.3f}"
-                    f"  {ex:.1f} examples/step ({rs[0]['steps']} steps)",
+                    f"  {ex:.1f} examples/step ({rs[0]['steps']} steps)"
+                    + (f"  MFU {flops_per_token * med['tok_s'] / peak:.1%}" if peak else ""),
                     flush=True,
                 )
             n = min(len(got[ours]), len(got[peer]))
@@ -337,6 +378,26 @@ def main(
                     f"  peak memory x{mem:.2f}  (median of {n} alternating pairs)",
                     flush=True,
                 )
+
+
+def n_params(model: Path) -> int:
+    """Parameters of the saved model (built on the meta device: no memory, no time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    return sum(p.numel() for p in m.parameters())
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 FLOP/s of this GPU when known (MFU = 6 x parameters x tokens/s / this)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((t * 1e12 for k, t in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runner:
