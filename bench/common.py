@@ -1,5 +1,20 @@
-"""Shared parts of the side-by-side benchmarks: the model, the words, and the runner that trains
-each configuration in its own subprocess (so peak memory is its own) and prints ratios."""
+"""Shared parts of the side-by-side benchmarks: the workloads (model shape, vocabulary, text
+lengths), and the runner that trains each configuration as a whole process of its own and
+compares tunesmith with its peer pair by pair.
+
+What is measured, for both tools alike:
+
+- **loop tokens/s**: real (non-padding) tokens of the examples seen in one epoch, over the
+  training loop's wall time (the child process times its own ``train()``);
+- **whole-process wall time**: from starting the child process to its exit, so start-up
+  (imports), model loading, data preparation, training and saving the result all count;
+- **peak RSS**: the child's peak resident set size, read from outside by ``os.wait4`` (on CUDA,
+  the GPU's max allocated memory as the child reports it).
+
+Runs alternate (tunesmith, peer, tunesmith, peer, ...) in one parent process so that a machine
+whose speed drifts (other jobs on the same cores) weighs on both alike; ratios are taken pair by
+pair and their median is printed.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +22,126 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 VOCAB = 16_384
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A shape of work: the model's width and vocabulary, and how long the texts are (in words)."""
+
+    about: str
+    bpe_vocab: int  # byte-level BPE trained to this size on the word pool
+    embed_rows: int | None  # pad the embedding / LM head to this many rows (None: the tokenizer's)
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    prompt_words: tuple[int, int]
+    completion_words: tuple[int, int]
+    response_words: tuple[int, int]  # DPO chosen / rejected
+    batch: int
+    dpo_batch: int
+    max_length: int = 512
+
+
+WORKLOADS = {
+    "long": Workload(
+        "long prompts (10-150 words each side), 16k BPE vocabulary, hidden 512 x 6 layers",
+        VOCAB,
+        None,
+        512,
+        6,
+        1408,
+        8,
+        2,
+        (10, 150),
+        (10, 150),
+        (5, 100),
+        8,
+        8,
+    ),
+    "short": Workload(
+        "short examples (prompt 10-60, completion 20-120 words), tiny ~400-token BPE vocabulary, "
+        "hidden 512 x 6 layers",
+        400,
+        None,
+        512,
+        6,
+        1408,
+        8,
+        2,
+        (10, 60),
+        (20, 120),
+        (20, 120),
+        8,
+        4,
+    ),
+    "vocab150k": Workload(
+        "real-size vocabulary: 16k BPE tokenizer, embedding and LM head padded to 151,936 rows "
+        "(Qwen2.5's size), narrow model hidden 256 x 4 layers; prompt 10-100, completion 10-100 words",
+        VOCAB,
+        151_936,
+        256,
+        4,
+        704,
+        4,
+        2,
+        (10, 100),
+        (10, 100),
+        (5, 80),
+        8,
+        8,
+    ),
+    # GPU shapes (bench/gpu_vs_trl.py): Qwen2.5-0.5B's layout with random weights, and a tiny
+    # one to check the script on CPU.
+    "gpu-0.5b": Workload(
+        "Qwen2.5-0.5B shape (hidden 896 x 24 layers, 14 heads / 2 KV heads, 151,936 rows), "
+        "random weights, sequences of 2048 tokens",
+        VOCAB,
+        151_936,
+        896,
+        24,
+        4864,
+        14,
+        2,
+        (250, 350),  # ~1.6 tokens a word: 1,700-2,000 tokens an example
+        (800, 900),
+        (400, 500),
+        8,
+        4,
+        max_length=2048,
+    ),
+    "gpu-tiny": Workload(
+        "tiny stand-in for the GPU shape (hidden 64 x 2 layers), sequences of 128 tokens",
+        VOCAB,
+        None,
+        64,
+        2,
+        176,
+        4,
+        2,
+        (10, 20),
+        (30, 45),
+        (20, 30),
+        4,
+        2,
+        max_length=128,
+    ),
+}
+CPU_WORKLOADS = ("long", "short", "vocab150k")
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40": 181, "L4": 121, "A10": 125}
+"""Dense bf16 peak of a GPU, by a part of its name, for MFU."""
 
 
 def words() -> list[str]:
@@ -29,17 +156,24 @@ def sentence(rng: random.Random, pool: list[str], lo: int, hi: int) -> str:
     return " ".join(rng.choices(pool, k=rng.randint(lo, hi)))
 
 
-def make_model(root: Path) -> Path:
-    """A random Qwen2-layout model (~25 M parameters) with a byte-level BPE tokenizer trained on
-    the word pool (transformers loads Qwen2 folders with Qwen2Tokenizer, so it must be one)."""
+def make_model(root: Path, w: Workload | None = None) -> Path:
+    """A random Qwen2-layout model with a byte-level BPE tokenizer trained on the word pool
+    (transformers loads Qwen2 folders with Qwen2Tokenizer, so it must be one). With
+    ``w.embed_rows`` the embedding (tied LM head) has that many rows, more than the tokenizer
+    has entries, as Qwen2.5's own checkpoints do (151,936 rows for 151,665 tokens): every logit
+    row costs the full vocabulary width."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
+    w = w or WORKLOADS["long"]
+    path = root / "model"
+    if (path / "config.json").exists():
+        return path
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=w.bpe_vocab,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -50,19 +184,18 @@ def make_model(root: Path) -> Path:
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
     cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        vocab_size=w.embed_rows or len(tok),
+        hidden_size=w.hidden,
+        intermediate_size=w.intermediate,
+        num_hidden_layers=w.layers,
+        num_attention_heads=w.heads,
+        num_key_value_heads=w.kv_heads,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    path = root / "model"
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -97,113 +230,210 @@ def count_tokens(model: Path, data: Path, max_length: int, pairs: bool = False) 
 
 
 def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespace:
-    """A bench's arguments: its one size flag, plus the hidden ones a child process gets."""
+    """A bench's arguments: its one size flag, the workload choice, repeats, plus the hidden
+    ones a child process gets."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(size, type=int, default=default, help=help)
-    for hidden in ("--child", "--model", "--data", "--out"):
+    p.add_argument(
+        "--workload",
+        default="long",
+        choices=[*WORKLOADS, "all"],
+        help="shape of the work (all: the CPU ones): "
+        + "; ".join(f"{k}: {v.about}" for k, v in WORKLOADS.items()),
+    )
+    p.add_argument("--repeat", type=int, default=2, help="alternating pairs per comparison")
+    p.add_argument("--only", default=None, help="comma-separated comparison names to run")
+    for hidden in ("--child", "--model", "--data", "--out", "--child-workload"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def main(
-    doc: str,
-    runs: dict[str, Callable[[str, str, str], dict]],
-    make_data: Callable[[Path, int], Path],
-    describe: str,
-    max_length: int,
-    pairs: bool = False,
-) -> None:
-    """Parse arguments; as the parent, run every entry of ``runs`` in a subprocess and compare."""
-    a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
-    if a.child:
-        print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out)))
-        return
-    import torch
-    from transformers import AutoModelForCausalLM
+Runner = Callable[[str, str, str, Workload], dict]
 
-    root = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
-    model, data = make_model(root), make_data(root, a.examples)
-    tokens = count_tokens(model, data, max_length, pairs)
-    n_params = (
-        sum(q.numel() for q in AutoModelForCausalLM.from_pretrained(model).parameters()) / 1e6
-    )
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print(
-        f"model: Qwen2 layout, {n_params:.1f} M parameters; {a.examples} {describe}, {tokens:,} tokens; device {device}",
-        flush=True,
-    )
-    results = {}
-    for k, name in enumerate(runs):
-        cmd = [
-            sys.executable,
-            sys.argv[0],
-            "--child",
-            name,
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--out",
-            str(root / f"run{k}"),
-        ]
-        proc = subprocess.run(
+
+def run_child(
+    name: str, model: Path, data: Path, out: Path, workload: str
+) -> dict[str, Any] | None:
+    """One configuration as a process of its own: its wall time and peak RSS measured from
+    outside, its loop time, loss and steps as it reports them."""
+    cmd = [
+        sys.executable,
+        sys.argv[0],
+        "--child",
+        name,
+        "--child-workload",
+        workload,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
             cmd,
-            capture_output=True,
-            text=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
         )
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"  {name}: failed\n{proc.stderr[-3000:]}", flush=True)
-            continue
-        r = json.loads(line[7:])
-        r["tok_s"] = tokens / r["seconds"]
-        results[name] = r
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"  {name}: failed\n{text[-3000:]}", flush=True)
+        return None
+    r = json.loads(line[7:])
+    r["wall"] = wall
+    if r.get("gpu_mb") is None:
+        r["peak_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
+    else:
+        r["peak_mb"] = r["gpu_mb"]
+    return r
+
+
+def main(
+    doc: str,
+    comparisons: dict[str, tuple[str, str]],
+    runs: dict[str, Runner],
+    make_data: Callable[[Path, int, Workload], Path],
+    describe: Callable[[Workload], str],
+    pairs: bool = False,
+    default: tuple[str, ...] = (),
+) -> None:
+    """Parse arguments; as a child, run one entry of ``runs``; as the parent, run the
+    comparisons (tunesmith run, peer run) in ``default`` (or ``--only``; all when neither)
+    alternately ``--repeat`` times on each workload asked for, and print medians and
+    pair-by-pair ratios."""
+    a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
+    if a.child:
+        w = WORKLOADS[a.child_workload]
+        print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out, w)), flush=True)
+        return
+    import torch
+
+    names = list(CPU_WORKLOADS) if a.workload == "all" else [a.workload]
+    only = a.only.split(",") if a.only else default or list(comparisons)
+    chosen = {k: v for k, v in comparisons.items() if k in only}
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    cache = Path(tempfile.gettempdir()) / "tunesmith-bench-models"
+    for wname in names:
+        w = WORKLOADS[wname]
+        root = Path(tempfile.mkdtemp(prefix=f"tunesmith-bench-{wname}-"))
+        model = make_model(cache / wname, w)
+        data = make_data(root, a.examples, w)
+        tokens = count_tokens(model, data, w.max_length, pairs)
+        cfg = json.loads((model / "config.json").read_text())
+        flops_per_token, peak = 6 * n_params(model), peak_flops()
         print(
-            f"  {name:<44} {r['tok_s']:>9,.0f} tokens/s  peak {r['peak_mb']:>8,.0f} MB  loss {r['loss']:.3f}",
+            f"\n== workload {wname}: {w.about}\n   {a.examples} {describe(w)}; {tokens:,} real tokens;"
+            f" vocabulary rows {cfg['vocab_size']:,}; device {device}; OMP_NUM_THREADS={threads}",
             flush=True,
         )
-    peers = [v for k, v in results.items() if not k.startswith("tunesmith")]
-    if not peers:
-        return
-    fastest = max(peers, key=lambda r: r["tok_s"])
-    print(
-        "\nratios against the peer's faster setting (tokens/s: higher is better; memory: lower is better):"
-    )
-    for name, r in results.items():
-        if name.startswith("tunesmith"):
-            print(
-                f"  {name:<20} speed x{r['tok_s'] / fastest['tok_s']:.2f}   peak memory x{r['peak_mb'] / fastest['peak_mb']:.2f}"
-            )
+        for cname, (ours, peer) in chosen.items():
+            got: dict[str, list[dict]] = {ours: [], peer: []}
+            for rep in range(a.repeat):
+                order = (ours, peer) if rep % 2 == 0 else (peer, ours)
+                for name in order:
+                    r = run_child(
+                        name,
+                        model,
+                        data,
+                        root / f"{cname}-{rep}-{len(got[name])}-{name[:3]}",
+                        wname,
+                    )
+                    if r is not None:
+                        r["tok_s"] = tokens / r["seconds"]
+                        got[name].append(r)
+            print(f"  {cname}:", flush=True)
+            for name in (ours, peer):
+                rs = got[name]
+                if not rs:
+                    continue
+                med = {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "wall", "peak_mb")}
+                ex = rs[0]["examples"] / max(rs[0]["steps"], 1)
+                print(
+                    f"    {name:<36} loop {med['tok_s']:>8,.0f} tok/s  whole process {med['wall']:>6.1f} s"
+                    f"  peak {med['peak_mb']:>7,.0f} MB  loss {rs[0]['loss']:.3f}"
+                    f"  {ex:.1f} examples/step ({rs[0]['steps']} steps)"
+                    + (f"  MFU {flops_per_token * med['tok_s'] / peak:.1%}" if peak else ""),
+                    flush=True,
+                )
+            n = min(len(got[ours]), len(got[peer]))
+            if n:
+                pairs_ = list(zip(got[ours][:n], got[peer][:n]))
+                speed = statistics.median(o["tok_s"] / p["tok_s"] for o, p in pairs_)
+                wall = statistics.median(p["wall"] / o["wall"] for o, p in pairs_)
+                mem = statistics.median(o["peak_mb"] / p["peak_mb"] for o, p in pairs_)
+                print(
+                    f"    RATIO {wname} {cname}: loop speed x{speed:.2f}  whole-process speed x{wall:.2f}"
+                    f"  peak memory x{mem:.2f}  (median of {n} alternating pairs)",
+                    flush=True,
+                )
 
 
-def tunesmith_runner(config: Callable[[str, str, str], dict]) -> Callable[[str, str, str], dict]:
-    """A run of ``tunesmith.train`` on the config that ``config(model, data, out)`` builds."""
+def n_params(model: Path) -> int:
+    """Parameters of the saved model (built on the meta device: no memory, no time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    def run(model: str, data: str, out: str) -> dict:
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    return sum(p.numel() for p in m.parameters())
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 FLOP/s of this GPU when known (MFU = 6 x parameters x tokens/s / this)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((t * 1e12 for k, t in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runner:
+    """A run of ``tunesmith.train`` on the config that ``config(model, data, out, workload)``
+    builds (the import of tunesmith is part of the process, as for a user)."""
+
+    def run(model: str, data: str, out: str, w: Workload) -> dict:
         import tunesmith
 
-        res = tunesmith.train(config(model, data, out))
+        res = tunesmith.train(config(model, data, out, w))
         return {
             "seconds": res.metrics["train_seconds"],
-            "peak_mb": peak_mb(),
             "loss": res.metrics["train_loss"],
+            "steps": res.metrics["steps"],
+            "examples": res.metrics.get("train_examples", res.metrics.get("train_pairs")),
+            "gpu_mb": _gpu_mb(),
         }
 
     return run
 
 
-def trl_peft_runner(
-    kind: str, checkpointing: bool, rank: int, alpha: int, **args: Any
-) -> Callable[[str, str, str], dict]:
-    """A run of TRL's ``{kind}Trainer`` (``SFT`` or ``DPO``) with PEFT LoRA on all linear layers;
-    ``args`` go to its config (batch size, learning rate, epochs, ...). Only ``train()`` is timed."""
+def _gpu_mb() -> float | None:
+    import torch
 
-    def run(model: str, data: str, out: str) -> dict:
-        import time
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
+
+def trl_runner(
+    kind: str, lora: bool, rank: int, alpha: int, args: Callable[[Workload], dict[str, Any]]
+) -> Runner:
+    """A run of TRL's ``{kind}Trainer`` (``SFT`` or ``DPO``), with PEFT LoRA on all linear layers
+    when ``lora``, activation checkpointing off (TRL's faster setting on these sizes); ``args``
+    gives its config (batch size, learning rate, epochs, ...). ``train()`` is timed as the loop;
+    the whole process includes the imports, loading, tokenisation and saving the result."""
+
+    def run(model: str, data: str, out: str, w: Workload) -> dict:
         import torch
         import trl
         from datasets import load_dataset
@@ -212,7 +442,7 @@ def trl_peft_runner(
 
         config = getattr(trl, f"{kind}Config")(
             output_dir=out,
-            gradient_checkpointing=checkpointing,
+            gradient_checkpointing=False,
             lr_scheduler_type="cosine",
             report_to="none",
             save_strategy="no",
@@ -220,23 +450,30 @@ def trl_peft_runner(
             use_cpu=not torch.cuda.is_available(),
             bf16=torch.cuda.is_available(),
             disable_tqdm=True,
-            **args,
+            **args(w),
         )
+        dataset = load_dataset("json", data_files=data, split="train")
         trainer = getattr(trl, f"{kind}Trainer")(
             model=AutoModelForCausalLM.from_pretrained(model),
             args=config,
-            train_dataset=load_dataset("json", data_files=data, split="train"),
+            train_dataset=dataset,
             processing_class=AutoTokenizer.from_pretrained(model),
             peft_config=LoraConfig(
                 r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"
-            ),
+            )
+            if lora
+            else None,
         )
         t0 = time.perf_counter()
         result = trainer.train()
+        seconds = time.perf_counter() - t0
+        trainer.save_model(out)
         return {
-            "seconds": time.perf_counter() - t0,
-            "peak_mb": peak_mb(),
+            "seconds": seconds,
             "loss": result.training_loss,
+            "steps": trainer.state.global_step,
+            "examples": len(dataset),
+            "gpu_mb": _gpu_mb(),
         }
 
     return run

@@ -1,16 +1,19 @@
-"""SFT throughput and peak memory: tunesmith (full, LoRA) against TRL's SFTTrainer + PEFT LoRA.
+"""SFT throughput, whole-process time and peak memory: tunesmith (full, LoRA) against TRL's
+SFTTrainer (full, PEFT LoRA) on three workloads (bench/common.py ``WORKLOADS``).
 
-Same random-initialised Qwen2-layout model (~25 M parameters, a 16k byte-level BPE vocabulary),
-same prompt/completion pairs of varied length, same batch size, learning rate and epochs, same
-machine, one run. Each configuration trains in its own subprocess so peak memory is its own.
-TRL runs twice: with its default activation checkpointing, and without.
+Same random-initialised Qwen2-layout model, same prompt/completion pairs, same batch size
+(examples per optimiser step), learning rate and epochs, same machine, one run. Each
+configuration trains as a process of its own; tunesmith and TRL alternate, ``--repeat`` pairs
+each, and the ratios are the median of the pair-by-pair ratios. TRL runs at its faster setting
+(activation checkpointing off).
 
-    python bench/sft_vs_trl.py                  # ~10 min on 2 CPU cores
-    python bench/sft_vs_trl.py --examples 32    # a quick look
+    OMP_NUM_THREADS=2 python bench/sft_vs_trl.py --workload all --examples 64
+    python bench/sft_vs_trl.py --workload short --only lora --repeat 3
 
-Tokens/s counts real (non-padding) tokens of the examples seen, divided by the training loop's
-wall time (data preparation excluded for both). Peak memory is the GPU's max allocated memory
-on CUDA, else the process's peak resident set size.
+Batches: ``train.batch_size`` is examples per micro-batch for tunesmith whether it packs or not
+(a packed micro-batch lays those examples end to end in as few rows as fit ``max_length``), and
+TRL's ``per_device_train_batch_size`` is examples too: both take the same examples per optimiser
+step, printed next to each run.
 """
 
 from __future__ import annotations
@@ -21,31 +24,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import main, sentence, trl_peft_runner, tunesmith_runner, words  # noqa: E402
+from common import Workload, main, sentence, trl_runner, tunesmith_runner, words  # noqa: E402
 
-BATCH, LR, MAX_LEN, EPOCHS, RANK, ALPHA = 8, 2e-4, 512, 1, 16, 32
+LR, EPOCHS, RANK, ALPHA = 2e-4, 1, 16, 32
 
 
-def make_data(root: Path, n: int) -> Path:
-    """Prompt/completion pairs of random words, 10 to 150 words each side."""
+def make_data(root: Path, n: int, w: Workload) -> Path:
+    """Prompt/completion pairs of random words, of the workload's lengths."""
     pool, rng = words(), random.Random(0)
     path = root / "data.jsonl"
     with path.open("w") as f:
         for _ in range(n):
-            f.write(
-                json.dumps(
-                    {
-                        "prompt": sentence(rng, pool, 10, 150),
-                        "completion": " " + sentence(rng, pool, 10, 150),
-                    }
-                )
-                + "\n"
-            )
+            row = {
+                "prompt": sentence(rng, pool, *w.prompt_words),
+                "completion": " " + sentence(rng, pool, *w.completion_words),
+            }
+            f.write(json.dumps(row) + "\n")
     return path
 
 
-def tunesmith_sft(method: str):
-    def config(model: str, data: str, out: str) -> dict:
+def tunesmith_sft(method: str, **data_settings):
+    """``data_settings`` override the data section (the ideas in bench/IDEAS.md: packing,
+    grouping) on top of the defaults a user gets."""
+
+    def config(model: str, data: str, out: str, w: Workload) -> dict:
         m = (
             {"name": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"}
             if method == "lora"
@@ -54,10 +56,10 @@ def tunesmith_sft(method: str):
         return {
             "model": model,
             "method": m,
-            "data": {"train": data, "eval": None, "max_length": MAX_LEN, "packing": True},
+            "data": {"train": data, "eval": None, "max_length": w.max_length, **data_settings},
             "train": {
                 "epochs": EPOCHS,
-                "batch_size": BATCH,
+                "batch_size": w.batch,
                 "lr": LR,
                 "progress": False,
                 "warmup": 0.0,
@@ -68,31 +70,46 @@ def tunesmith_sft(method: str):
     return tunesmith_runner(config)
 
 
-def trl_sft(checkpointing: bool):
-    return trl_peft_runner(
+def trl_sft(lora: bool):
+    return trl_runner(
         "SFT",
-        checkpointing,
+        lora,
         RANK,
         ALPHA,
-        per_device_train_batch_size=BATCH,
-        learning_rate=LR,
-        num_train_epochs=EPOCHS,
-        max_length=MAX_LEN,
+        lambda w: {
+            "per_device_train_batch_size": w.batch,
+            "learning_rate": LR,
+            "num_train_epochs": EPOCHS,
+            "max_length": w.max_length,
+        },
     )
 
 
 RUNS = {
     "tunesmith full": tunesmith_sft("full"),
     "tunesmith lora": tunesmith_sft("lora"),
-    "trl+peft lora (checkpointing on, default)": trl_sft(True),
-    "trl+peft lora (checkpointing off)": trl_sft(False),
+    "tunesmith lora packed": tunesmith_sft("lora", packing=True),
+    "tunesmith lora ungrouped": tunesmith_sft("lora", packing=False, group_by_length=False),
+    "trl full": trl_sft(False),
+    "trl+peft lora": trl_sft(True),
 }
+COMPARISONS = {
+    "lora": ("tunesmith lora", "trl+peft lora"),
+    "full": ("tunesmith full", "trl full"),
+    # ideas (bench/IDEAS.md), run with --only
+    "lora-packed": ("tunesmith lora packed", "trl+peft lora"),
+    "lora-ungrouped": ("tunesmith lora ungrouped", "trl+peft lora"),
+}
+DEFAULT = ("lora", "full")
 
 if __name__ == "__main__":
     main(
         __doc__,
+        COMPARISONS,
         RUNS,
         make_data,
-        f"prompt/completion pairs; batch {BATCH}, lr {LR}, {EPOCHS} epoch",
-        MAX_LEN,
+        lambda w: (
+            f"prompt/completion pairs; batch {w.batch}, lr {LR}, {EPOCHS} epoch, max length {w.max_length}"
+        ),
+        default=DEFAULT,
     )

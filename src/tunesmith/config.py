@@ -67,9 +67,14 @@ class DataConfig:
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     """What to do with longer examples: cut them (counted and reported), drop them, or stop."""
     packing: bool | Literal["auto"] = "auto"
-    """Pack several examples into one row; attention never crosses example boundaries. ``auto``
-    packs whenever the method allows it (prefix and prompt tuning put virtual tokens in front of
-    each row, so they train on one example per row)."""
+    """Pack several examples into one row; attention never crosses example boundaries. When
+    packing, ``train.batch_size`` counts rows of up to ``max_length`` tokens (each holding as many
+    examples as fit), not examples. ``auto`` does not pack: one example per row, batched with
+    examples of similar length (``group_by_length``), measured faster and leaner than packing
+    (bench/IDEAS.md); prefix and prompt tuning cannot pack (virtual tokens lead every row)."""
+    group_by_length: bool = True
+    """Unpacked training batches examples of similar length together (shuffled within windows
+    of 64 batches, batch order shuffled), so little of a batch is padding."""
     loss_on: Literal["completion", "all"] = "completion"
     """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
     empty_completion: Literal["warn", "drop", "error"] = "warn"
@@ -94,7 +99,10 @@ class TrainConfig:
     max_steps: int | None = None
     """Optimizer steps to run; null derives them from ``epochs``."""
     batch_size: int = 8
-    """Rows per micro-batch."""
+    """Examples (pairs, prompts) per micro-batch; with ``data.packing: true``, packed rows."""
+    batch_tokens: int | None = None
+    """Instead of a fixed ``batch_size``: as many examples of similar length per micro-batch as
+    fit rows x longest <= batch_tokens (padding counted); null for a fixed batch size."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. The loss is normalised over the whole step."""
     lr: float = 2.0e-4
@@ -347,7 +355,15 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    for name in ("epochs", "batch_size", "grad_accum", "lr", "max_steps", "eval_every"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "max_steps",
+        "eval_every",
+        "batch_tokens",
+    ):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every", "max_nan_steps"):
         _positive(f"train.{name}", getattr(t, name))

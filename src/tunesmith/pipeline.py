@@ -48,6 +48,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
+from tunesmith.training.memory import release_freed_memory
 
 
 @dataclass
@@ -219,6 +220,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         task.prepare(cfg)
     out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
     device = local_device(pick_device(cfg.train.device))
+    release_freed_memory(device)
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
     for note in data.notes:

@@ -224,12 +224,17 @@ def test_virtual_token_methods_refuse_packing(llama, pc_data, tmp_path):
     from tunesmith.tasks.base import resolve_packing
 
     resolved = {
-        m: resolve_packing("auto", build_method(method_config(m)), EXAMPLES) for m in method_names()
+        m: (
+            resolve_packing("auto", build_method(method_config(m)), EXAMPLES),
+            build_method(method_config(m)).packing_ok
+            and resolve_packing(True, build_method(method_config(m)), EXAMPLES),
+        )
+        for m in method_names()
     }
-    assert resolved == {
-        "adapter": True,
-        "full": True,
-        "lora": True,
-        "prefix": False,
-        "prompt": False,
+    assert resolved == {  # auto: length-grouped padded batches; explicit packing where allowed
+        "adapter": (False, True),
+        "full": (False, True),
+        "lora": (False, True),
+        "prefix": (False, False),
+        "prompt": (False, False),
     }

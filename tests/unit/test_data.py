@@ -1,5 +1,6 @@
 import copy
 import json
+import random
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from conftest import write_jsonl
 
 from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.config import DataConfig
-from tunesmith.data.batching import Batches, pack_rows
+from tunesmith.data.batching import Batches, group_by_length, pack_rows
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.io import read_records
 from tunesmith.errors import ConfigError, DataError
@@ -220,6 +221,44 @@ def test_batches_reproducible_and_resumable(tmp_path, tok, pc_data):
     state = Batches(data.train, 4, 64, tok.pad_token_id, True, 3)
     state.load_state_dict({"position": 6})
     resumed = [x.input_ids for _, x in zip(range(4), state.stream())]
-    assert b.state_dict() == {"position": 10}
+    assert b.state_dict()["position"] == 10
     assert all(np.array_equal(a, c) for a, c in zip(first, again))
     assert all(np.array_equal(a, c) for a, c in zip(first[6:], resumed))
+
+
+def test_group_by_length_batches_similar_lengths():
+    """Every example once per epoch, batches of similar length (less padding than random),
+    batch order and membership still depend on the seed."""
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    batches = group_by_length(lengths, order, 8, random.Random(1))
+    flat = sorted(i for b in batches for r in b for i in r)
+    assert flat == list(range(1000)) and all(len(b) == 8 for b in batches)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[r[0]] for r in b) for b in bs)
+
+    shuffled = [[[i] for i in order[k : k + 8]] for k in range(0, 1000, 8)]
+    assert padded(batches) < 0.7 * padded(shuffled)
+    assert batches != group_by_length(lengths, order, 8, random.Random(2))
+
+
+def test_batch_tokens_caps_padded_size():
+    lengths = [10] * 50 + [100] * 50
+    batches = group_by_length(lengths, list(range(100)), 8, random.Random(0), batch_tokens=400)
+    assert sorted(i for b in batches for r in b for i in r) == list(range(100))
+    assert all(len(b) * max(lengths[r[0]] for r in b) <= 400 for b in batches)
+    assert max(len(b) for b in batches) == 40  # short examples fill the budget: 40 x 10
+
+
+def test_grouped_batches_resume_and_preference_pairs(tmp_path, tok, pc_data):
+    """Grouped plans are reproducible from (seed, epoch); pairs (group 2) stay together."""
+    data = prep(tok, pc_data)
+    a = Batches(data.train, 4, 64, tok.pad_token_id, False, 3, group_by_length=True)
+    b = Batches(data.train, 4, 64, tok.pad_token_id, False, 3, group_by_length=True)
+    assert a.plan(0) == b.plan(0) and a.plan(0) != a.plan(1)
+    pairs = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, group=2, batch_tokens=128)
+    batch = pairs.collate(pairs.plan(0)[0])
+    assert batch.input_ids.shape[0] % 2 == 0

@@ -14,6 +14,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,42 @@ def pack_rows(
             open_.append((max_length - n, [i]))
     rows.extend(row for _, row in open_)
     return rows
+
+
+def group_by_length(
+    lengths: list[int],
+    order: list[int],
+    batch_size: int,
+    rng: random.Random,
+    batch_tokens: int | None = None,
+    window: int = 64,
+) -> list[list[Row]]:
+    """Batches of examples of similar length, for padded (unpacked) training.
+
+    The shuffled ``order`` is cut into windows of ``window`` batches' worth of examples; each
+    window is sorted by length and cut into batches, and all batches are shuffled. A batch is
+    then padded only to the longest of similar lengths (little padding), while which examples
+    meet in a batch, and the batch order, stay random. Each batch holds ``batch_size``
+    examples, or with ``batch_tokens`` as many as fit ``rows x longest <= batch_tokens`` (at
+    least one; ``batch_size`` then only sizes the window).
+    """
+    span = max(batch_size, 1) * window
+    batches: list[list[Row]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        if batch_tokens is None:
+            cuts = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+        else:
+            cuts, cur = [], []
+            for i in chunk:  # ascending: the newest example is the widest
+                if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
+                    cuts.append(cur)
+                    cur = []
+                cur.append(i)
+            cuts += [cur] if cur else []
+        batches += [[[i] for i in cut] for cut in cuts]
+    rng.shuffle(batches)
+    return batches
 
 
 @dataclass
@@ -187,11 +224,17 @@ class Batches:
         seed: int,
         shuffle: bool = True,
         group: int = 1,
+        group_by_length: bool = False,
+        batch_tokens: int | None = None,
     ) -> None:
         """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
         preference pair: chosen, rejected); the unit of order and batching is a group, and a
         batch of B groups has kB rows, all first members, then all second members, and so on.
-        Groups are never packed."""
+        Groups are never packed.
+
+        Unpacked and shuffled, ``group_by_length`` batches examples of similar length together
+        (see ``group_by_length``); ``batch_tokens`` caps rows x padded width of a batch instead
+        of a fixed ``batch_size`` (it implies grouping)."""
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
@@ -200,6 +243,8 @@ class Batches:
         self.packing = packing and group == 1
         self.seed = seed
         self.shuffle = shuffle
+        self.group_by_length = group_by_length or batch_tokens is not None
+        self.batch_tokens = None if batch_tokens is None else batch_tokens // group
         self.position = 0  # (global) micro-batches handed out so far
         self.rank, self.world = 0, 1
         lengths = [len(e) for e in examples]
@@ -224,21 +269,27 @@ class Batches:
         """Rows of one global micro-batch (every rank's together)."""
         return self.batch_size * self.world
 
-    def _rows(self, epoch: int) -> list[Row]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        else:  # evaluation: similar lengths together, less padding
-            order.sort(key=lambda i: self.lengths[i])
-        if self.packing:
-            return pack_rows(self.lengths, order, self.max_length)
-        return [[i] for i in order]
-
     def plan(self, epoch: int) -> list[list[Row]]:
-        """The (global) batches, lists of rows of group indices, of one epoch."""
+        """The (global) batches, lists of rows of group indices, of one epoch: every rank plans
+        the same ones, of ``batch_size x world`` rows (``batch_tokens x world`` tokens)."""
         if epoch not in self._plans:
-            rows, width = self._rows(epoch), self.rows_per_micro
-            plan = [rows[k : k + width] for k in range(0, len(rows), width)]
+            order = list(range(len(self.lengths)))
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            if self.shuffle:
+                rng.shuffle(order)
+            else:  # evaluation: similar lengths together, less padding
+                order.sort(key=lambda i: self.lengths[i])
+            width = self.rows_per_micro
+            if self.shuffle and not self.packing and self.group_by_length:
+                budget = None if self.batch_tokens is None else self.batch_tokens * self.world
+                plan = group_by_length(self.lengths, order, width, rng, budget)
+            else:
+                rows = (
+                    pack_rows(self.lengths, order, self.max_length)
+                    if self.packing
+                    else [[i] for i in order]
+                )
+                plan = [rows[k : k + width] for k in range(0, len(rows), width)]
             if self.world > 1 and plan and len(plan[-1]) < self.world:
                 plan.pop()
             self._plans[epoch] = plan
@@ -285,37 +336,47 @@ class Batches:
             "position": self.position,
             "rows_per_micro": self.rows_per_micro,
             "world": self.world,
+            "batch_tokens": self.batch_tokens,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after ``position`` micro-batches; a checkpoint written with another global
         micro-batch size (another ``batch_size x world``) is converted through the rows it had
-        consumed, which must be a whole number of the new micro-batches."""
+        consumed, which must be exactly those of a whole number of the new micro-batches."""
         self.position = int(state["position"])
         width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
-        if (width, world) != (self.rows_per_micro, self.world):
-            self.position = self._convert(self.position, width, world)
+        tokens = state.get("batch_tokens", self.batch_tokens)
+        if (width, world, tokens) != (self.rows_per_micro, self.world, self.batch_tokens):
+            self.position = self._convert(self.position, width, world, tokens)
 
-    def _convert(self, position: int, width: int, world: int) -> int:
+    def _convert(self, position: int, width: int, world: int, tokens: int | None) -> int:
+        """The new position that has consumed the same rows as ``position`` did under the
+        checkpoint's global batch (``width`` rows over ``world`` ranks, ``tokens`` per rank)."""
+        old = copy.copy(self)
+        old.batch_size, old.world, old.batch_tokens, old._plans = width // world, world, tokens, {}
         new, epoch = 0, 0
         while True:
-            n_rows = len(self._rows(epoch))
-            full, rest = divmod(n_rows, width)
-            before = full + (1 if rest and not (world > 1 and rest < world) else 0)
-            if position >= before:
-                position -= before
-                new += len(self.plan(epoch))
+            before, after = old.plan(epoch), self.plan(epoch)
+            if position >= len(before):
+                position -= len(before)
+                new += len(after)
                 epoch += 1
                 continue
-            rows = position * width
-            if rows % self.rows_per_micro:
-                raise TunesmithError(
-                    f"--resume: the checkpoint stopped {rows} rows into epoch {epoch}, which is not "
-                    f"a whole number of micro-batches of {self.rows_per_micro} rows (batch_size x "
-                    f"processes); keep train.batch_size x train.grad_accum x processes as it was "
-                    f"with a batch_size x processes that divides {rows}."
-                )
-            return new + rows // self.rows_per_micro
+            done = sorted(tuple(r) for b in before[:position] for r in b)
+            taken: list[tuple[int, ...]] = []
+            k = 0
+            while len(taken) < len(done) and k < len(after):
+                taken.extend(tuple(r) for r in after[k])
+                k += 1
+            if sorted(taken) == done:
+                return new + k
+            raise TunesmithError(
+                f"--resume: the checkpoint stopped {len(done)} rows into epoch {epoch}, which is "
+                f"not a whole number of micro-batches of {self.rows_per_micro} rows (batch_size x "
+                f"processes) in the same order; keep train.batch_size x train.grad_accum x "
+                f"processes (and train.batch_tokens) as they were, with a batch_size x processes "
+                f"that divides {len(done)}."
+            )
 
     def epoch_of(self, micro_batch: int) -> float:
         """Fractional epoch reached after ``micro_batch`` micro-batches."""

@@ -12,17 +12,27 @@ projection. The objective calls the root model's forward (the object DDP or FSDP
 applies the LM head (and any logit post-processing of the model: soft-capping, scaling) to those
 positions only and returns (N, V) logits. A model whose forward does not take a boolean mask
 returns (B, T, V) logits, from which the same positions are taken.
+
+Memory: when the supervised positions times the vocabulary exceed ``logps.CHUNK_ELEMENTS`` and
+the output head is a plain bias-free linear layer whose output the model returns unchanged, the
+head's forward is swapped for the identity during the call, so the root forward returns the
+(N, H) final hidden states, and ``logps.chunked_logps`` computes the log-probabilities a chunk
+of rows at a time (never the whole (N, V) logits; see that module for the maths).
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.data.batching import Batch
+from tunesmith.objectives import logps as _logps
+
+_POSTPROCESSED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Heads whose model changes the head's output (soft-capping, scaling): never chunked."""
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -41,6 +51,52 @@ def supervised_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tor
     return logits, targets  # (N, V), (N,)
 
 
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if it is a plain bias-free ``nn.Linear`` with an ordinary weight (not
+    sharded, not wrapped by a method) that the model is not known to post-process; else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or type(head.weight.data) is not torch.Tensor
+        or head in _POSTPROCESSED
+    ):
+        return None
+    return head
+
+
+def supervised_token_logps(
+    model: nn.Module, batch: Batch, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """log p of every supervised target token (N,), in row-major order of ``batch.supervised``.
+
+    Small (N x V) problems take the whole logits at once; large ones with a plain head go
+    through ``logps.chunked_logps`` (see the module docstring)."""
+    chunk_elements = _logps.CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    mask = batch.supervised
+    inner = getattr(model, "module", model)
+    head = _plain_head(inner) if _accepts_logits_to_keep(model) else None
+    if head is None or int(mask.sum()) * head.out_features <= chunk_elements:
+        return _logps.full_logps(*supervised_logits(model, batch))
+    captured: list[torch.Tensor] = []
+
+    def capture(x: torch.Tensor) -> torch.Tensor:
+        captured.append(x)
+        return x
+
+    head.forward = capture  # the root forward runs (DDP hooks and all) but skips the projection
+    try:
+        out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=mask).logits
+    finally:
+        del head.forward
+    hidden = captured[0]
+    if out is not hidden and not (out.dtype == hidden.dtype and torch.equal(out, hidden)):
+        _POSTPROCESSED.add(head)  # the model changes its logits after the head: do it whole
+        return _logps.full_logps(*supervised_logits(model, batch))
+    return _logps.chunked_logps(hidden, head.weight, batch.labels[mask], chunk_elements)
+
+
 class SFTObjective:
     """Token-level cross-entropy; the step is normalised by supervised tokens."""
 
@@ -50,9 +106,7 @@ class SFTObjective:
         return batch.n_supervised
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets = supervised_logits(model, batch)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss_sum, {}
+        return -supervised_token_logps(model, batch).sum(), {}
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +114,7 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
 
     For preference pairs a row is one response with its prompt: log pi(y | x) = sum_t log pi(y_t | x, y_<t).
     """
-    logits, targets = supervised_logits(model, batch)  # (N, V), (N,)
-    token_logps = (
-        torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    )  # (N,)
+    token_logps = supervised_token_logps(model, batch)  # (N,)
     rows = batch.supervised.nonzero()[:, 0]  # (N,) row of each supervised token
     n_rows = batch.labels.shape[0]
     sums = torch.zeros(n_rows, device=token_logps.device).index_add(0, rows, token_logps)

@@ -59,6 +59,8 @@ def replayable(ctx: Context) -> BatchSource:
         resolve_packing(d.packing, ctx.method, kind),
         t.seed,
         group=kind.group,
+        group_by_length=d.group_by_length,
+        batch_tokens=t.batch_tokens,
     )
 
 
@@ -88,10 +90,13 @@ def record_counts(data: PreparedData, kind: RecordKind) -> tuple[int, int]:
 
 
 def resolve_packing(setting: bool | str, method: Method | None, kind: RecordKind) -> bool:
-    """``data.packing`` for this method and record kind: ``auto`` packs when both allow it."""
+    """``data.packing`` for this method and record kind. ``auto`` does not pack: length-grouped
+    batches of one example per row were faster and leaner than packed rows on every workload
+    of bench/IDEAS.md (packed rows attend over the whole row, and fill ``batch_size`` rows of
+    ``max_length`` tokens)."""
     allowed = kind.packable and (method is None or method.packing_ok)
     if setting == "auto":
-        return allowed
+        return False
     if setting and method is not None and not method.packing_ok:
         raise ConfigError(
             f"data.packing: method '{method.name}' puts virtual tokens in front of each row, so a row "

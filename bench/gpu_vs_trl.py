@@ -1,0 +1,38 @@
+"""GPU bench, one call of under 10 minutes: tunesmith against TRL (+ PEFT) for SFT, full and
+LoRA, on Qwen2.5-0.5B's shape with random weights (hidden 896 x 24 layers, a 151,936-row
+vocabulary), sequences of 2048 tokens, bf16 autocast (both tools). Prints loop tokens/s,
+whole-process time, peak GPU memory (max allocated) and MFU = 6 x parameters x tokens/s / the
+GPU's dense bf16 peak (989 TFLOP/s on an H100 or H200; 6N counts a full training step's FLOPs,
+so for LoRA it overstates the work done: read it as throughput in the same unit).
+
+    python bench/gpu_vs_trl.py                       # on the GPU: 4 runs, ~5-8 minutes
+    python bench/gpu_vs_trl.py --workload gpu-tiny   # check the script on CPU in a few minutes
+
+The runs, their config and the comparison are bench/sft_vs_trl.py's; this file only picks the
+GPU workload and sizes. Each run is its own process, tunesmith and TRL alternate.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import main  # noqa: E402
+from sft_vs_trl import COMPARISONS, DEFAULT, LR, RUNS, make_data  # noqa: E402
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--child" not in args:  # the parent: GPU defaults unless given
+        defaults = {"--workload": "gpu-0.5b", "--examples": "128", "--repeat": "1"}
+        for flag, value in defaults.items():
+            if flag not in args:
+                sys.argv += [flag, value]
+    main(
+        __doc__,
+        COMPARISONS,
+        RUNS,
+        make_data,
+        lambda w: f"prompt/completion pairs; batch {w.batch}, lr {LR}, max length {w.max_length}",
+        default=DEFAULT,
+    )

@@ -1,0 +1,76 @@
+"""Chunked log-probabilities equal the whole-logits ones, in value and in gradient."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunesmith.config import DataConfig
+from tunesmith.data.batching import Batches
+from tunesmith.data.dataset import prepare_data
+from tunesmith.objectives import sft
+from tunesmith.objectives.logps import chunked_logps, full_logps
+
+
+def _grads(fn, h, w, weights):
+    h = h.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    out = fn(h, w)
+    (out * weights).sum().backward()
+    return out.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_chunked_matches_full(uniform):
+    """Uniform per-token weights (SFT) and per-row ones (DPO) both give the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 16, generator=g), torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (37,), generator=g)
+    weights = torch.full((37,), -0.25) if uniform else torch.randn(37, generator=g)
+    ref = _grads(lambda h, w: full_logps(h @ w.t(), y), h, w, weights)
+    got = _grads(lambda h, w: chunked_logps(h, w, y, chunk_elements=50 * 5), h, w, weights)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient():
+    h = torch.randn(9, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen (LoRA leaves the head alone)
+    y = torch.randint(0, 20, (9,))
+    chunked_logps(h, w, y, chunk_elements=40).sum().backward()
+    assert h.grad is not None and w.grad is None
+
+
+def test_objective_chunked_equals_whole(tiny_model, pc_data, monkeypatch):
+    """The SFT loss and every parameter's gradient are the same with the head chunked."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = prepare_data(DataConfig(train=str(pc_data), eval=None, max_length=64), tok, 0).train
+    batch = next(Batches(data, 4, 64, tok.pad_token_id, packing=False, seed=0).stream())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def loss_and_grads(chunk: int):
+        model.zero_grad()
+        monkeypatch.setattr(sft._logps, "CHUNK_ELEMENTS", chunk)
+        loss, _ = sft.SFTObjective()(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, chunked = loss_and_grads(10**12), loss_and_grads(model.config.vocab_size * 3)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-5)
+    for name, grad in whole[1].items():
+        torch.testing.assert_close(chunked[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert sft._plain_head(model) is model.get_output_embeddings()  # it really took the chunks
+
+
+def test_post_processed_logits_fall_back(tiny_model, pc_data, monkeypatch):
+    """A model that changes its head's output (soft-capping here) is never chunked."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = prepare_data(DataConfig(train=str(pc_data), eval=None, max_length=64), tok, 0).train
+    batch = next(Batches(data, 4, 64, tok.pad_token_id, packing=False, seed=0).stream())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda m, i, o: 5.0 * torch.tanh(o / 5.0))
+    monkeypatch.setattr(sft._logps, "CHUNK_ELEMENTS", 10**12)
+    whole = sft.supervised_token_logps(model, batch)
+    got = sft.supervised_token_logps(model, batch, chunk_elements=model.config.vocab_size * 3)
+    torch.testing.assert_close(got, whole)
+    assert sft._plain_head(model) is None
