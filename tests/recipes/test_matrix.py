@@ -60,7 +60,7 @@ def classifier(micro, tmp_path_factory):
                 "task": "classify",
                 "method": "full",
                 "data": {"train": str(data), "eval": None, "max_length": 32},
-                "train": {"max_steps": 16, "batch_size": 8, "lr": 3e-3, "progress": False},
+                "train": {"max_steps": 32, "batch_size": 8, "lr": 1e-2, "progress": False},
                 "output_dir": str(root / "run"),
             }
         )
