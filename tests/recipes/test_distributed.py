@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -71,8 +72,8 @@ def _rank(rank, world, port, cfg, resume, patch, results) -> None:
 def launch(
     cfg: dict, world: int = 2, resume: bool = False, patch: Callable[[int], None] | None = None
 ) -> dict[int, str]:
-    """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok' or the error line}. A rank that does
-    not finish within two minutes is a hang, and fails the test."""
+    """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok', the error line, or 'killed (-9)'}.
+    Ranks that do not all finish within two minutes hang, and fail the test."""
     ctx = multiprocessing.get_context("forkserver")  # forks from a clean, thread-free server
     ctx.set_forkserver_preload(["tunesmith", "tunesmith.pipeline", "transformers", "peft"])
     results = ctx.Queue()
@@ -84,12 +85,27 @@ def launch(
     for p in procs:
         p.start()
     out: dict[int, str] = {}
+    deadline = time.monotonic() + 120
     try:
-        for _ in procs:
-            rank, status = results.get(timeout=120)
-            out[rank] = status
-    except queue.Empty:
-        pytest.fail(f"ranks hung: only {sorted(out)} of {world} finished")
+        while len(out) < world:
+            try:
+                rank, status = results.get(timeout=1)
+                out[rank] = status
+                continue
+            except queue.Empty:
+                pass
+            for r, p in enumerate(procs):  # killed (SIGKILL) without a word
+                if r not in out and not p.is_alive() and p.exitcode not in (0, None):
+                    out[r] = f"killed ({p.exitcode})"
+                    # What torchrun does when a worker dies: stop the others (a rank blocked in
+                    # a collective with the dead one would wait for gloo's 30-minute timeout).
+                    for q in procs:
+                        if q.is_alive():
+                            q.terminate()
+                            q.join(5)
+                            q.kill()
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks hung: only {sorted(out)} of {world} finished")
     finally:
         for p in procs:
             p.join(10)
@@ -321,6 +337,44 @@ def test_save_on_two_resume_on_one_or_two(llama, pc_data, tmp_path, strategy):
         else:
             assert launch(cfg, resume=True) == {0: "ok", 1: "ok"}
         assert_same(whole, out)
+
+
+def kill_rank_0_in_checkpoint(point: int, rank: int) -> None:
+    """Rank 0 SIGKILLs itself at the ``point``-th fault point of sharded checkpoint writing
+    (three per checkpoint: after state.json, after the manifest, after the rename)."""
+    if rank == 0:
+        os.environ["TUNESMITH_FAULT"] = f"kill-in-checkpoint:{point}"
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_sharded_checkpoint(llama, pc_data, tmp_path):
+    """Rank 0 dies after the manifest of step 4's checkpoint, before its rename: rank 1 does not
+    hang, the torn folder is skipped, and the resumed run equals an uninterrupted one."""
+    whole = config(llama, pc_data, tmp_path / "whole", max_steps=6, save_every=2)
+    assert launch(whole) == {0: "ok", 1: "ok"}
+    cfg = config(llama, pc_data, tmp_path / "out", max_steps=6, save_every=2)
+    launched = launch(cfg, patch=partial(kill_rank_0_in_checkpoint, 5))
+    assert launched[0] == "killed (-9)" and launched[1] != "ok"
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("step-")] == ["step-0000002"]
+    assert launch(cfg, resume=True) == {0: "ok", 1: "ok"}
+    assert_same(tmp_path / "whole", tmp_path / "out")
+
+
+def test_strategy_is_checked():
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.training import distributed
+
+    with pytest.raises(ConfigError, match="train.strategy"):
+        load_config({"train": {"strategy": "zero3"}})
+    cfg = load_config({"train": {"strategy": "none"}})
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ConfigError, match="train.strategy: 'none' runs one process"):
+            distributed.setup(cfg.train)
+    finally:
+        del os.environ["WORLD_SIZE"]
 
 
 @pytest.mark.slow
