@@ -162,32 +162,26 @@ def assert_same(a: Path, b: Path, rel: float = 1e-5) -> None:
 # What a test changes in one rank (module-level: the ranks start from a fork server).
 
 
-def fail_on_rank_1(data: str, rank: int) -> None:
-    """Rank 1 cannot make the first micro-batch of step 2."""
-    if rank != 1:
-        return
-    original = Batches.collate
-
-    def collate(self, rows):
-        if self.position == 3:  # the second step's first micro-batch
-            raise DataError(f"{data}:7: broken row")
-        return original(self, rows)
-
-    Batches.collate = collate
-
-
-def sigterm_on_rank_1(rank: int) -> None:
-    """Rank 1 (only) receives SIGTERM while it makes step 2's batches."""
+def on_rank_1_in_step_2(action: Callable[[], None], rank: int) -> None:
+    """Rank 1 (only) runs ``action`` while it makes the first micro-batch of step 2."""
     if rank != 1:
         return
     original = Batches.collate
 
     def collate(self, rows):
         if self.position == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action()
         return original(self, rows)
 
     Batches.collate = collate
+
+
+def broken_row(data: str) -> None:
+    raise DataError(f"{data}:7: broken row")
+
+
+def sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def nan_on_rank_1(rank: int) -> None:
@@ -248,7 +242,8 @@ def test_ddp_equals_one_process_with_the_same_global_batch(llama, pc_data, tmp_p
 
 def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tmp_path):
     launched = launch(
-        config(llama, pc_data, tmp_path / "out"), patch=partial(fail_on_rank_1, str(pc_data))
+        config(llama, pc_data, tmp_path / "out"),
+        patch=partial(on_rank_1_in_step_2, partial(broken_row, str(pc_data))),
     )
     assert launched[1] == f"DataError: {pc_data}:7: broken row"
     assert launched[0] == f"DataError: {pc_data}:7: broken row (on rank 1)"
@@ -256,7 +251,7 @@ def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tm
 
 def test_a_signal_on_one_rank_stops_both_after_the_same_step(llama, pc_data, tmp_path):
     cfg = config(llama, pc_data, tmp_path / "out", save_every=2)
-    launched = launch(cfg, patch=sigterm_on_rank_1)
+    launched = launch(cfg, patch=partial(on_rank_1_in_step_2, sigterm_self))
     for rank in (0, 1):
         assert launched[rank].startswith("Interrupted: stopped by SIGTERM after step 2 of 4")
     assert losses(tmp_path / "out") and len(losses(tmp_path / "out")) == 2
@@ -332,6 +327,8 @@ def test_save_on_two_resume_on_one_or_two(llama, pc_data, tmp_path, strategy):
         (out / "config.yaml").write_text(yaml.safe_dump({**saved_cfg, "output_dir": str(out)}))
         cfg = config(llama, pc_data, out, strategy=strategy, save_every=2, keep_checkpoints=3)
         if world == 1:  # the same global batch of 8 rows in one process
+            with pytest.raises(TunesmithError, match="2 x 2 x 1 = 4, but the run trained with"):
+                tunesmith.train(cfg, resume=True)
             cfg["train"]["batch_size"] = 4
             tunesmith.train(cfg, resume=True)
         else:
