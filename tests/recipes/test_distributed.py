@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -71,8 +72,8 @@ def _rank(rank, world, port, cfg, resume, patch, results) -> None:
 def launch(
     cfg: dict, world: int = 2, resume: bool = False, patch: Callable[[int], None] | None = None
 ) -> dict[int, str]:
-    """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok' or the error line}. A rank that does
-    not finish within two minutes is a hang, and fails the test."""
+    """Run ``cfg`` on ``world`` forked ranks; {rank: 'ok', the error line, or 'killed (-9)'}.
+    Ranks that do not all finish within two minutes hang, and fail the test."""
     ctx = multiprocessing.get_context("forkserver")  # forks from a clean, thread-free server
     ctx.set_forkserver_preload(["tunesmith", "tunesmith.pipeline", "transformers", "peft"])
     results = ctx.Queue()
@@ -84,12 +85,27 @@ def launch(
     for p in procs:
         p.start()
     out: dict[int, str] = {}
+    deadline = time.monotonic() + 120
     try:
-        for _ in procs:
-            rank, status = results.get(timeout=120)
-            out[rank] = status
-    except queue.Empty:
-        pytest.fail(f"ranks hung: only {sorted(out)} of {world} finished")
+        while len(out) < world:
+            try:
+                rank, status = results.get(timeout=1)
+                out[rank] = status
+                continue
+            except queue.Empty:
+                pass
+            for r, p in enumerate(procs):  # killed (SIGKILL) without a word
+                if r not in out and not p.is_alive() and p.exitcode not in (0, None):
+                    out[r] = f"killed ({p.exitcode})"
+                    # What torchrun does when a worker dies: stop the others (a rank blocked in
+                    # a collective with the dead one would wait for gloo's 30-minute timeout).
+                    for q in procs:
+                        if q.is_alive():
+                            q.terminate()
+                            q.join(5)
+                            q.kill()
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks hung: only {sorted(out)} of {world} finished")
     finally:
         for p in procs:
             p.join(10)
@@ -146,32 +162,26 @@ def assert_same(a: Path, b: Path, rel: float = 1e-5) -> None:
 # What a test changes in one rank (module-level: the ranks start from a fork server).
 
 
-def fail_on_rank_1(data: str, rank: int) -> None:
-    """Rank 1 cannot make the first micro-batch of step 2."""
-    if rank != 1:
-        return
-    original = Batches.collate
-
-    def collate(self, rows):
-        if self.position == 3:  # the second step's first micro-batch
-            raise DataError(f"{data}:7: broken row")
-        return original(self, rows)
-
-    Batches.collate = collate
-
-
-def sigterm_on_rank_1(rank: int) -> None:
-    """Rank 1 (only) receives SIGTERM while it makes step 2's batches."""
+def on_rank_1_in_step_2(action: Callable[[], None], rank: int) -> None:
+    """Rank 1 (only) runs ``action`` while it makes the first micro-batch of step 2."""
     if rank != 1:
         return
     original = Batches.collate
 
     def collate(self, rows):
         if self.position == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action()
         return original(self, rows)
 
     Batches.collate = collate
+
+
+def broken_row(data: str) -> None:
+    raise DataError(f"{data}:7: broken row")
+
+
+def sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def nan_on_rank_1(rank: int) -> None:
@@ -232,7 +242,8 @@ def test_ddp_equals_one_process_with_the_same_global_batch(llama, pc_data, tmp_p
 
 def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tmp_path):
     launched = launch(
-        config(llama, pc_data, tmp_path / "out"), patch=partial(fail_on_rank_1, str(pc_data))
+        config(llama, pc_data, tmp_path / "out"),
+        patch=partial(on_rank_1_in_step_2, partial(broken_row, str(pc_data))),
     )
     assert launched[1] == f"DataError: {pc_data}:7: broken row"
     assert launched[0] == f"DataError: {pc_data}:7: broken row (on rank 1)"
@@ -240,7 +251,7 @@ def test_a_batch_error_on_one_rank_ends_both_with_its_message(llama, pc_data, tm
 
 def test_a_signal_on_one_rank_stops_both_after_the_same_step(llama, pc_data, tmp_path):
     cfg = config(llama, pc_data, tmp_path / "out", save_every=2)
-    launched = launch(cfg, patch=sigterm_on_rank_1)
+    launched = launch(cfg, patch=partial(on_rank_1_in_step_2, sigterm_self))
     for rank in (0, 1):
         assert launched[rank].startswith("Interrupted: stopped by SIGTERM after step 2 of 4")
     assert losses(tmp_path / "out") and len(losses(tmp_path / "out")) == 2
@@ -316,11 +327,51 @@ def test_save_on_two_resume_on_one_or_two(llama, pc_data, tmp_path, strategy):
         (out / "config.yaml").write_text(yaml.safe_dump({**saved_cfg, "output_dir": str(out)}))
         cfg = config(llama, pc_data, out, strategy=strategy, save_every=2, keep_checkpoints=3)
         if world == 1:  # the same global batch of 8 rows in one process
+            with pytest.raises(TunesmithError, match="2 x 2 x 1 = 4, but the run trained with"):
+                tunesmith.train(cfg, resume=True)
             cfg["train"]["batch_size"] = 4
             tunesmith.train(cfg, resume=True)
         else:
             assert launch(cfg, resume=True) == {0: "ok", 1: "ok"}
         assert_same(whole, out)
+
+
+def kill_rank_0_in_checkpoint(point: int, rank: int) -> None:
+    """Rank 0 SIGKILLs itself at the ``point``-th fault point of sharded checkpoint writing
+    (three per checkpoint: after state.json, after the manifest, after the rename)."""
+    if rank == 0:
+        os.environ["TUNESMITH_FAULT"] = f"kill-in-checkpoint:{point}"
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_sharded_checkpoint(llama, pc_data, tmp_path):
+    """Rank 0 dies after the manifest of step 4's checkpoint, before its rename: rank 1 does not
+    hang, the torn folder is skipped, and the resumed run equals an uninterrupted one."""
+    whole = config(llama, pc_data, tmp_path / "whole", max_steps=6, save_every=2)
+    assert launch(whole) == {0: "ok", 1: "ok"}
+    cfg = config(llama, pc_data, tmp_path / "out", max_steps=6, save_every=2)
+    launched = launch(cfg, patch=partial(kill_rank_0_in_checkpoint, 5))
+    assert launched[0] == "killed (-9)" and launched[1] != "ok"
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("step-")] == ["step-0000002"]
+    assert launch(cfg, resume=True) == {0: "ok", 1: "ok"}
+    assert_same(tmp_path / "whole", tmp_path / "out")
+
+
+def test_strategy_is_checked():
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.training import distributed
+
+    with pytest.raises(ConfigError, match="train.strategy"):
+        load_config({"train": {"strategy": "zero3"}})
+    cfg = load_config({"train": {"strategy": "none"}})
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ConfigError, match="train.strategy: 'none' runs one process"):
+            distributed.setup(cfg.train)
+    finally:
+        del os.environ["WORLD_SIZE"]
 
 
 @pytest.mark.slow

@@ -147,6 +147,7 @@ def save_checkpoint(
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     doing = f"creating {root}"
+    sealing: list[str] = []
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed
@@ -163,33 +164,35 @@ def save_checkpoint(
             doing = f"writing {tmp / name}"
             files[name] = _write(tmp / name, write)
             _fault()
-        doing = f"writing {tmp / MANIFEST}"
-        manifest = {"format": FORMAT, "step": step, "files": files}
-        _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-        _fsync_dir(tmp)
-        _fault()
-        doing = f"renaming {tmp.name} to {final}"
-        aside = root / f".old-step-{step:07d}-{os.getpid()}"
-        if final.exists():  # the same step again (a resumed run that had finished): swap it
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _fault()
-        shutil.rmtree(aside, ignore_errors=True)
+        sealing = [doing]
+        _seal(tmp, final, {"format": FORMAT, "step": step, "files": files}, sealing)
     except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_complete_name(root)
-        kept = (
-            f"the previous checkpoint {previous} is intact and --resume continues from it"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise SaveError(
-            f"checkpoint of step {step} not written: {doing} failed ({io_reason(e)}); {kept}. "
-            f"Free disk space or make {root} writable (or choose another output_dir)."
-        ) from None
+        raise _save_error(e, step, root, sealing[0] if sealing else doing, tmp) from None
     _prune(root, final, keep)
     return final
+
+
+def _seal(tmp: Path, final: Path, manifest: dict[str, Any], doing: list[str]) -> None:
+    """Write the manifest into ``tmp`` and rename it to ``final`` (swapping an existing
+    ``final`` aside first), flushing each step to disk; ``doing[0]`` says what it is doing, for
+    the message if it fails."""
+    root = final.parent
+    doing[0] = f"writing {tmp / MANIFEST}"
+    _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    _fsync_dir(tmp)
+    _fault()
+    doing[0] = f"renaming {tmp.name} to {final}"
+    aside = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # the same step again (a resumed run that had finished): swap it
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _fault()
+    shutil.rmtree(aside, ignore_errors=True)
+    return ""
+
+
+_seal.doing = ""
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -274,6 +277,7 @@ def save_sharded(
     except (OSError, SafetensorError, RuntimeError) as e:  # DCP wraps a rank's OSError
         error = e
     raise_agreed(_save_error(error, step, root, doing, tmp))
+    sealing: list[str] = []
     if d.is_main:
         try:
             doing = f"writing {tmp / 'state.json'}"
@@ -287,22 +291,12 @@ def save_sharded(
                 if f.name not in files:
                     files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
             _fault()
-            doing = f"writing {tmp / MANIFEST}"
+            sealing = [doing]
             manifest = {"format": SHARDED, "step": step, "world_size": d.world, "files": files}
-            _write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-            _fsync_dir(tmp)
-            _fault()
-            doing = f"renaming {tmp.name} to {final}"
-            aside = root / f".old-step-{step:07d}-{os.getpid()}"
-            if final.exists():
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _fault()
-            shutil.rmtree(aside, ignore_errors=True)
+            _seal(tmp, final, manifest, sealing)
             _prune(root, final, keep)
         except (OSError, SafetensorError) as e:
-            error = e
+            error, doing = e, sealing[0] if sealing else doing
     raise_agreed(_save_error(error, step, root, doing, tmp if d.is_main else None))
     return final
 

@@ -119,8 +119,8 @@ def teardown() -> None:
 def local_device(device: torch.device) -> torch.device:
     """A CUDA device without an index becomes this process's GPU (``cuda:LOCAL_RANK``)."""
     d = current()
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", d.local_rank if d.active else torch.cuda.current_device())
+    if d.active and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", d.local_rank)
     return device
 
 
