@@ -37,10 +37,14 @@ RL = {"reward": "test_matrix:digits", "max_new_tokens": 6, "group_size": 4, "tem
 # method disabled) is not the starting policy, and in 16 steps the penalty pulls towards it.
 SETTINGS = {"grpo": {"grpo": RL}, "ppo": {"ppo": {**RL, "kl_coef": 0.0}}}  # task -> sections
 
-KNOWN_GAPS = {
-    ("ppo", "prompt"): "PPO with prompt tuning trains but its greedy answers on builtin:micro "
-    "collapse to spaces within 16 steps (GRPO with prompt tuning improves)",
-}
+# (task, method) -> why the pair does not pass yet (an xfail). Empty: every pair passes.
+# PPO x prompt was here ("greedy answers collapse to spaces within 16 steps"): the value head drew
+# random numbers before the soft prompt was drawn from the vocabulary, so PPO started from another
+# soft prompt than GRPO, one whose greedy answers were digits by chance (0.83, the ceiling here)
+# while its samples at temperature 0.7 were noise (reward 0.2); following the samples knocked the
+# greedy mode off. GRPO does the same from such a start (train.seed 1 or 3). setup_model now seeds
+# the method's draw on its own, so both tasks start from the same soft prompt and both improve.
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def digits(prompts, completions):

@@ -307,3 +307,46 @@ def test_data_preview_shows_prompts(llama, prompts, tmp_path, capsys):
     assert main(["data", "preview", str(cfg_path), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "27 train, 9 eval prompts" in out and "Q: " in out and "(reference answer: " in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_keeps_a_frozen_reference_copy_in_its_dtype(llama, prompts, rewards, tmp_path, dtype):
+    """With ``full`` the base itself trains, so the reference is a frozen copy of the starting
+    model (in ``reference_dtype``) that gives the starting policy's log-probs; a method with a
+    frozen base gets no copy."""
+    from tunesmith.pipeline import setup_run
+    from tunesmith.training.rollout import response_logps, rollout
+
+    cfg = load_config(
+        rl_config(
+            llama,
+            prompts,
+            tmp_path / "run",
+            method="full",
+            reward=f"{rewards}:lower",
+            kl_coef=0.1,
+            reference_dtype=dtype,
+        )
+    )
+    run = setup_run(cfg)
+    policy, reference = run.ctx.model, run.ctx.shared["rl"]["reference"]
+    frozen = reference.model
+    assert frozen is not policy
+    assert all(p.dtype == getattr(torch, dtype) for p in frozen.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    out = rollout(policy, run.ctx.tokenizer, ["Q: 1+2=", "Q: 3+3="], 4, 1.0)
+    R = out.response_mask.shape[1]
+    mine = response_logps(policy, out.input_ids, out.attention_mask, R)[0] * out.response_mask
+    ref = reference(policy, out.input_ids, out.attention_mask, R) * out.response_mask
+    tol = 1e-5 if dtype == "float32" else 0.1
+    torch.testing.assert_close(ref, mine, atol=tol, rtol=0)
+    with torch.no_grad():  # the policy moves; the reference stays where it started
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    again = reference(policy, out.input_ids, out.attention_mask, R) * out.response_mask
+    assert torch.equal(again, ref)
+
+    lora = load_config(
+        rl_config(llama, prompts, tmp_path / "lora", reward=f"{rewards}:lower", kl_coef=0.1)
+    )
+    assert not hasattr(setup_run(lora).ctx.shared["rl"]["reference"], "model")
