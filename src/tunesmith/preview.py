@@ -77,7 +77,6 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
         False,
         cfg.train.seed,
         group_by_length=cfg.data.group_by_length,
-        batch_tokens=cfg.train.batch_tokens,
     )
     lengths = np.asarray(s.lengths)
     lines += [

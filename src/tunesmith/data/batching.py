@@ -59,7 +59,6 @@ def group_by_length(
     order: list[int],
     batch_size: int,
     rng: random.Random,
-    batch_tokens: int | None = None,
     window: int = 64,
 ) -> list[list[Row]]:
     """Batches of examples of similar length, for padded (unpacked) training.
@@ -67,25 +66,15 @@ def group_by_length(
     The shuffled ``order`` is cut into windows of ``window`` batches' worth of examples; each
     window is sorted by length and cut into batches, and all batches are shuffled. A batch is
     then padded only to the longest of similar lengths (little padding), while which examples
-    meet in a batch, and the batch order, stay random. Each batch holds ``batch_size``
-    examples, or with ``batch_tokens`` as many as fit ``rows x longest <= batch_tokens`` (at
-    least one; ``batch_size`` then only sizes the window).
+    meet in a batch, and the batch order, stay random. Each batch holds ``batch_size`` examples.
     """
     span = max(batch_size, 1) * window
     batches: list[list[Row]] = []
     for start in range(0, len(order), span):
         chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        if batch_tokens is None:
-            cuts = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-        else:
-            cuts, cur = [], []
-            for i in chunk:  # ascending: the newest example is the widest
-                if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
-                    cuts.append(cur)
-                    cur = []
-                cur.append(i)
-            cuts += [cur] if cur else []
-        batches += [[[i] for i in cut] for cut in cuts]
+        batches += [
+            [[i] for i in chunk[k : k + batch_size]] for k in range(0, len(chunk), batch_size)
+        ]
     rng.shuffle(batches)
     return batches
 
@@ -219,7 +208,6 @@ class Batches:
         shuffle: bool = True,
         group: int = 1,
         group_by_length: bool = False,
-        batch_tokens: int | None = None,
     ) -> None:
         """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
         preference pair: chosen, rejected); the unit of order and batching is a group, and a
@@ -227,8 +215,7 @@ class Batches:
         Groups are never packed.
 
         Unpacked and shuffled, ``group_by_length`` batches examples of similar length together
-        (see ``group_by_length``); ``batch_tokens`` caps rows x padded width of a batch instead
-        of a fixed ``batch_size`` (it implies grouping)."""
+        (see ``group_by_length``)."""
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
@@ -237,8 +224,7 @@ class Batches:
         self.packing = packing and group == 1
         self.seed = seed
         self.shuffle = shuffle
-        self.group_by_length = group_by_length or batch_tokens is not None
-        self.batch_tokens = None if batch_tokens is None else batch_tokens // group
+        self.group_by_length = group_by_length
         self.position = 0  # micro-batches handed out so far
         lengths = [len(e) for e in examples]
         # A group is as long as its longest member.
@@ -255,9 +241,7 @@ class Batches:
             else:  # evaluation: similar lengths together, less padding
                 order.sort(key=lambda i: self.lengths[i])
             if self.shuffle and not self.packing and self.group_by_length:
-                self._plans[epoch] = group_by_length(
-                    self.lengths, order, self.batch_size, rng, self.batch_tokens
-                )
+                self._plans[epoch] = group_by_length(self.lengths, order, self.batch_size, rng)
                 return self._plans[epoch]
             rows = (
                 pack_rows(self.lengths, order, self.max_length)
