@@ -100,9 +100,6 @@ class TrainConfig:
     """Optimizer steps to run; null derives them from ``epochs``."""
     batch_size: int = 8
     """Examples (pairs, prompts) per micro-batch; with ``data.packing: true``, packed rows."""
-    batch_tokens: int | None = None
-    """Instead of a fixed ``batch_size``: as many examples of similar length per micro-batch as
-    fit rows x longest <= batch_tokens (padding counted); null for a fixed batch size."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. The loss is normalised over the whole step."""
     lr: float = 2.0e-4
@@ -355,15 +352,7 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    for name in (
-        "epochs",
-        "batch_size",
-        "grad_accum",
-        "lr",
-        "max_steps",
-        "eval_every",
-        "batch_tokens",
-    ):
+    for name in ("epochs", "batch_size", "grad_accum", "lr", "max_steps", "eval_every"):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("save_every", "eval_batches", "keep_checkpoints", "log_every", "max_nan_steps"):
         _positive(f"train.{name}", getattr(t, name))

@@ -76,6 +76,7 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
         tokenizer.pad_token_id,
         False,
         cfg.train.seed,
+        group_by_length=cfg.data.group_by_length,
     )
     lengths = np.asarray(s.lengths)
     lines += [
@@ -88,7 +89,7 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
         f"  empty completions  {s.empty:,} (data.empty_completion={cfg.data.empty_completion})",
         f"  dropped            {s.dropped_long + s.dropped_unsupervised + s.dropped_empty + s.skipped_bad:,} (too long {s.dropped_long}, nothing to train"
         f"{' or identical sides' if group > 1 else ''} {s.dropped_unsupervised}, empty completion {s.dropped_empty}, malformed {s.skipped_bad})",
-        f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing})",
+        f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing}, data.group_by_length={cfg.data.group_by_length})",
     ]
     same = tokenizer.pad_token_id == tokenizer.eos_token_id
     lines.append(

@@ -245,20 +245,12 @@ def test_group_by_length_batches_similar_lengths():
     assert batches != group_by_length(lengths, order, 8, random.Random(2))
 
 
-def test_batch_tokens_caps_padded_size():
-    lengths = [10] * 50 + [100] * 50
-    batches = group_by_length(lengths, list(range(100)), 8, random.Random(0), batch_tokens=400)
-    assert sorted(i for b in batches for r in b for i in r) == list(range(100))
-    assert all(len(b) * max(lengths[r[0]] for r in b) <= 400 for b in batches)
-    assert max(len(b) for b in batches) == 40  # short examples fill the budget: 40 x 10
-
-
 def test_grouped_batches_resume_and_preference_pairs(tmp_path, tok, pc_data):
     """Grouped plans are reproducible from (seed, epoch); pairs (group 2) stay together."""
     data = prep(tok, pc_data)
     a = Batches(data.train, 4, 64, tok.pad_token_id, False, 3, group_by_length=True)
     b = Batches(data.train, 4, 64, tok.pad_token_id, False, 3, group_by_length=True)
     assert a.plan(0) == b.plan(0) and a.plan(0) != a.plan(1)
-    pairs = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, group=2, batch_tokens=128)
+    pairs = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, group=2, group_by_length=True)
     batch = pairs.collate(pairs.plan(0)[0])
-    assert batch.input_ids.shape[0] % 2 == 0
+    assert batch.input_ids.shape[0] == 4  # two pairs: both chosen rows, then both rejected

@@ -74,3 +74,13 @@ def test_post_processed_logits_fall_back(tiny_model, pc_data, monkeypatch):
     got = sft.supervised_token_logps(model, batch, chunk_elements=model.config.vocab_size * 3)
     torch.testing.assert_close(got, whole)
     assert sft._plain_head(model) is None
+
+
+def test_no_gradient_work_without_grad_mode():
+    """Under no_grad (evaluation, a reference pass) the chunks compute log-probs only."""
+    h, w = torch.randn(9, 8), torch.randn(20, 8, requires_grad=True)
+    y = torch.randint(0, 20, (9,))
+    with torch.no_grad():
+        out = chunked_logps(h, w, y, chunk_elements=40)
+    torch.testing.assert_close(out, full_logps(h @ w.detach().t(), y))
+    assert not out.requires_grad

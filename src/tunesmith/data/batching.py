@@ -61,7 +61,6 @@ def group_by_length(
     order: list[int],
     batch_size: int,
     rng: random.Random,
-    batch_tokens: int | None = None,
     window: int = 64,
 ) -> list[list[Row]]:
     """Batches of examples of similar length, for padded (unpacked) training.
@@ -69,25 +68,15 @@ def group_by_length(
     The shuffled ``order`` is cut into windows of ``window`` batches' worth of examples; each
     window is sorted by length and cut into batches, and all batches are shuffled. A batch is
     then padded only to the longest of similar lengths (little padding), while which examples
-    meet in a batch, and the batch order, stay random. Each batch holds ``batch_size``
-    examples, or with ``batch_tokens`` as many as fit ``rows x longest <= batch_tokens`` (at
-    least one; ``batch_size`` then only sizes the window).
+    meet in a batch, and the batch order, stay random. Each batch holds ``batch_size`` examples.
     """
     span = max(batch_size, 1) * window
     batches: list[list[Row]] = []
     for start in range(0, len(order), span):
         chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        if batch_tokens is None:
-            cuts = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-        else:
-            cuts, cur = [], []
-            for i in chunk:  # ascending: the newest example is the widest
-                if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
-                    cuts.append(cur)
-                    cur = []
-                cur.append(i)
-            cuts += [cur] if cur else []
-        batches += [[[i] for i in cut] for cut in cuts]
+        batches += [
+            [[i] for i in chunk[k : k + batch_size]] for k in range(0, len(chunk), batch_size)
+        ]
     rng.shuffle(batches)
     return batches
 
@@ -225,7 +214,6 @@ class Batches:
         shuffle: bool = True,
         group: int = 1,
         group_by_length: bool = False,
-        batch_tokens: int | None = None,
     ) -> None:
         """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
         preference pair: chosen, rejected); the unit of order and batching is a group, and a
@@ -233,8 +221,7 @@ class Batches:
         Groups are never packed.
 
         Unpacked and shuffled, ``group_by_length`` batches examples of similar length together
-        (see ``group_by_length``); ``batch_tokens`` caps rows x padded width of a batch instead
-        of a fixed ``batch_size`` (it implies grouping)."""
+        (see ``group_by_length``)."""
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
@@ -243,8 +230,7 @@ class Batches:
         self.packing = packing and group == 1
         self.seed = seed
         self.shuffle = shuffle
-        self.group_by_length = group_by_length or batch_tokens is not None
-        self.batch_tokens = None if batch_tokens is None else batch_tokens // group
+        self.group_by_length = group_by_length
         self.position = 0  # (global) micro-batches handed out so far
         self.rank, self.world = 0, 1
         lengths = [len(e) for e in examples]
@@ -271,7 +257,7 @@ class Batches:
 
     def plan(self, epoch: int) -> list[list[Row]]:
         """The (global) batches, lists of rows of group indices, of one epoch: every rank plans
-        the same ones, of ``batch_size x world`` rows (``batch_tokens x world`` tokens)."""
+        the same ones, of ``batch_size x world`` rows."""
         if epoch not in self._plans:
             order = list(range(len(self.lengths)))
             rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -281,8 +267,7 @@ class Batches:
                 order.sort(key=lambda i: self.lengths[i])
             width = self.rows_per_micro
             if self.shuffle and not self.packing and self.group_by_length:
-                budget = None if self.batch_tokens is None else self.batch_tokens * self.world
-                plan = group_by_length(self.lengths, order, width, rng, budget)
+                plan = group_by_length(self.lengths, order, width, rng)
             else:
                 rows = (
                     pack_rows(self.lengths, order, self.max_length)
@@ -336,7 +321,6 @@ class Batches:
             "position": self.position,
             "rows_per_micro": self.rows_per_micro,
             "world": self.world,
-            "batch_tokens": self.batch_tokens,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -345,15 +329,14 @@ class Batches:
         consumed, which must be exactly those of a whole number of the new micro-batches."""
         self.position = int(state["position"])
         width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
-        tokens = state.get("batch_tokens", self.batch_tokens)
-        if (width, world, tokens) != (self.rows_per_micro, self.world, self.batch_tokens):
-            self.position = self._convert(self.position, width, world, tokens)
+        if (width, world) != (self.rows_per_micro, self.world):
+            self.position = self._convert(self.position, width, world)
 
-    def _convert(self, position: int, width: int, world: int, tokens: int | None) -> int:
+    def _convert(self, position: int, width: int, world: int) -> int:
         """The new position that has consumed the same rows as ``position`` did under the
-        checkpoint's global batch (``width`` rows over ``world`` ranks, ``tokens`` per rank)."""
+        checkpoint's global batch (``width`` rows over ``world`` ranks)."""
         old = copy.copy(self)
-        old.batch_size, old.world, old.batch_tokens, old._plans = width // world, world, tokens, {}
+        old.batch_size, old.world, old._plans = width // world, world, {}
         new, epoch = 0, 0
         while True:
             before, after = old.plan(epoch), self.plan(epoch)
@@ -374,7 +357,7 @@ class Batches:
                 f"--resume: the checkpoint stopped {len(done)} rows into epoch {epoch}, which is "
                 f"not a whole number of micro-batches of {self.rows_per_micro} rows (batch_size x "
                 f"processes) in the same order; keep train.batch_size x train.grad_accum x "
-                f"processes (and train.batch_tokens) as they were, with a batch_size x processes "
+                f"processes as they were, with a batch_size x processes "
                 f"that divides {len(done)}."
             )
 

@@ -47,11 +47,12 @@ class _ChunkedLogps(torch.autograd.Function):
         weight: torch.Tensor,  # (V, H)
         targets: torch.Tensor,  # (N,)
         rows: int,
+        grad: bool,  # grad mode of the caller (inside forward it is always off)
     ) -> torch.Tensor:
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h, want_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(hidden) if want_h else None
         a_weight = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -93,7 +94,7 @@ class _ChunkedLogps(torch.autograd.Function):
                     dz.mul_(g[s : s + rows, None])
                     grad_w += dz.t() @ h.float()
                 grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def chunked_logps(
@@ -103,9 +104,8 @@ def chunked_logps(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """log p(targets) (N,) under logits ``hidden @ weight.T``, in chunks of rows (see module doc)."""
-    return _ChunkedLogps.apply(
-        hidden, weight, targets, _chunk_rows(weight.shape[0], chunk_elements)
-    )
+    rows = _chunk_rows(weight.shape[0], chunk_elements)
+    return _ChunkedLogps.apply(hidden, weight, targets, rows, torch.is_grad_enabled())
 
 
 def full_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

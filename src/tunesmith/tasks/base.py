@@ -60,7 +60,6 @@ def replayable(ctx: Context) -> BatchSource:
         t.seed,
         group=kind.group,
         group_by_length=d.group_by_length,
-        batch_tokens=t.batch_tokens,
     )
 
 
