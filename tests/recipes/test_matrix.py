@@ -35,6 +35,9 @@ DATA = {  # record kind -> rows to train (and evaluate) on
 RL = {"reward": "test_matrix:digits", "max_new_tokens": 6, "group_size": 4, "temperature": 0.7}
 # PPO without its KL penalty here: for prefix and prompt tuning the reference (the base with the
 # method disabled) is not the starting policy, and in 16 steps the penalty pulls towards it.
+# DPO at 1e-2 moves 16 steps of LoRA to either side of log 2 depending on the seed (measured over
+# ten seeds); at 3e-3 every seed improves.
+LR = {"dpo": 3e-3}
 SETTINGS = {"grpo": {"grpo": RL}, "ppo": {"ppo": {**RL, "kl_coef": 0.0}}}  # task -> sections
 
 # (task, method) -> why the pair does not pass yet (an xfail). Empty: every pair passes.
@@ -105,7 +108,7 @@ def test_task_with_method(cache, micro, tmp_path, task, method, request):
             "train": {
                 "max_steps": 16,
                 "batch_size": 8,
-                "lr": 1e-2,
+                "lr": LR.get(task, 1e-2),
                 "eval_every": 16,
                 "progress": False,
             },

@@ -32,7 +32,7 @@ def pairs(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
-def run(task, method, out, model, data, **extra):
+def run(task, method, out, model, data, lr=1e-2, **extra):
     cfg = {
         "model": str(model),
         "task": task,
@@ -41,7 +41,7 @@ def run(task, method, out, model, data, **extra):
         "train": {
             "max_steps": 16,
             "batch_size": 8,
-            "lr": 1e-2,
+            "lr": lr,
             "eval_every": 16,
             "progress": False,
         },
@@ -57,7 +57,13 @@ def run(task, method, out, model, data, **extra):
 @pytest.mark.parametrize("loss", ["cdpo", "ipo", "hinge", "simpo"])
 def test_dpo_siblings_run(cache, tmp_path, micro, pairs, loss):
     _, before, after = run(
-        "dpo", "lora", tmp_path / loss, micro, pairs, dpo={"loss": loss, "label_smoothing": 0.1}
+        "dpo",
+        "lora",
+        tmp_path / loss,
+        micro,
+        pairs,
+        lr=3e-3,  # DPO with LoRA at 1e-2 lands on either side of log 2 depending on the seed
+        dpo={"loss": loss, "label_smoothing": 0.1},
     )
     assert after["eval_loss"] < before["eval_loss"]
 
