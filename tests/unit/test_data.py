@@ -221,7 +221,7 @@ def test_batches_reproducible_and_resumable(tmp_path, tok, pc_data):
     state = Batches(data.train, 4, 64, tok.pad_token_id, True, 3)
     state.load_state_dict({"position": 6})
     resumed = [x.input_ids for _, x in zip(range(4), state.stream())]
-    assert b.state_dict()["position"] == 10
+    assert b.state_dict() == {"position": 10, "rows_per_micro": 4, "world": 1}
     assert all(np.array_equal(a, c) for a, c in zip(first, again))
     assert all(np.array_equal(a, c) for a, c in zip(first[6:], resumed))
 
