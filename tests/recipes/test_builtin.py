@@ -107,17 +107,32 @@ def test_base_eval_loss_falls_after_training(cache, tmp_path, capsys):
     assert run.metrics["eval_loss"] < before
 
 
+OUTPUTS = {yaml.safe_load(c.read_text()).get("output_dir"): c for c in CONFIGS}
+
+
+def prerequisites(config: Path) -> list[Path]:
+    """The example configs whose runs ``config`` reads besides its model (a reward model, a
+    teacher), found by their output_dir among the values of its sections."""
+    cfg = yaml.safe_load(config.read_text())
+    sections = [v for k, v in cfg.items() if isinstance(v, dict)]
+    return [
+        OUTPUTS[v] for sec in sections for v in sec.values() if isinstance(v, str) and v in OUTPUTS
+    ]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_example_configs_run(cache, tmp_path, config):
+def test_example_configs_run(cache, tmp_path, monkeypatch, config):
+    monkeypatch.chdir(tmp_path)  # the configs' relative runs/ folders land here
+    short = ["model.name=builtin:micro", "train.max_steps=3", "train.progress=false"]
+    for needed in prerequisites(config):
+        tunesmith.train(needed, short)
     run = tunesmith.train(
         config,
         [
-            "model.name=builtin:micro",
-            "train.max_steps=3",
+            *short,
             "train.eval_every=2",
             "train.save_every=2",
             f"output_dir={tmp_path / 'run'}",
-            "train.progress=false",
         ],
     )
     assert run.metrics["steps"] == 3 and (tmp_path / "run" / "run.json").exists()
