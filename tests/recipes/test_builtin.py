@@ -107,18 +107,30 @@ def test_base_eval_loss_falls_after_training(cache, tmp_path, capsys):
     assert run.metrics["eval_loss"] < before
 
 
+SHORT = [
+    "model.name=builtin:micro",
+    "train.max_steps=3",
+    "train.eval_every=2",
+    "train.progress=false",
+]
+
+
+def reward_run(tmp_path) -> list[str]:
+    """A config whose reward is a reward-model run gets one, trained for 3 steps on micro."""
+    out = tmp_path / "reward"
+    tunesmith.train(CONFIGS[0].parent / "reward_arith_short.yaml", [*SHORT, f"output_dir={out}"])
+    return [f"grpo.reward={out}"]
+
+
+NEEDS = {"grpo_reward_model": reward_run}  # config -> overrides it needs from an earlier run
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_example_configs_run(cache, tmp_path, config):
+    extra = NEEDS[config.stem](tmp_path) if config.stem in NEEDS else []
     run = tunesmith.train(
         config,
-        [
-            "model.name=builtin:micro",
-            "train.max_steps=3",
-            "train.eval_every=2",
-            "train.save_every=2",
-            f"output_dir={tmp_path / 'run'}",
-            "train.progress=false",
-        ],
+        [*SHORT, "train.save_every=2", f"output_dir={tmp_path / 'run'}", *extra],
     )
     assert run.metrics["steps"] == 3 and (tmp_path / "run" / "run.json").exists()
 
