@@ -203,10 +203,6 @@ def setup_model(
     tokenizer = load_tokenizer(cfg.model, base_path)
     torch.manual_seed(cfg.train.seed)  # new parameters (LoRA A, heads) start the same every run
     model = load_model(cfg.model, device, base_path, head, head_kwargs(cfg, head))
-    # Again: a method's new weights (LoRA A, a soft prompt drawn from the vocabulary) must not
-    # depend on whether the task's head drew random numbers first. PPO with prompt tuning once
-    # started from another soft prompt than GRPO only because the value head was created.
-    torch.manual_seed(cfg.train.seed)
     method = build_method(cfg.method)
     return apply_method(model, method, head, tokenizer), tokenizer, method, base_path
 

@@ -45,8 +45,8 @@ SETTINGS = {"grpo": {"grpo": RL}, "ppo": {"ppo": {**RL, "kl_coef": 0.0}}}  # tas
 # random numbers before the soft prompt was drawn from the vocabulary, so PPO started from another
 # soft prompt than GRPO, one whose greedy answers were digits by chance (0.83, the ceiling here)
 # while its samples at temperature 0.7 were noise (reward 0.2); following the samples knocked the
-# greedy mode off. GRPO does the same from such a start (train.seed 1 or 3). setup_model now seeds
-# the method's draw on its own, so both tasks start from the same soft prompt and both improve.
+# greedy mode off. GRPO does the same from such a start (train.seed 1 or 3). The soft prompt is now
+# drawn from the run's seed alone (methods/prompt.py), so both tasks start from the same one.
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 

@@ -96,10 +96,15 @@ class Prompt(MethodBase):
     def _initial_prompt(self, model: nn.Module) -> torch.Tensor:
         c, table = self.config, self.embed.weight.detach()  # (V, d)
         n = c.virtual_tokens
+        # Drawn from the run's seed alone, not from wherever the global generator stands: a task
+        # whose head drew first (PPO's value head) would otherwise start from another prompt.
+        g = torch.Generator().manual_seed(torch.initial_seed())
         if c.init == "random":
-            return torch.randn(n, table.shape[1], device=table.device) * table.float().std()
+            return (
+                torch.randn(n, table.shape[1], generator=g).to(table.device) * table.float().std()
+            )
         if c.init == "vocab":
-            ids = torch.randint(0, table.shape[0], (n,), device=table.device)
+            ids = torch.randint(0, table.shape[0], (n,), generator=g).to(table.device)
         else:
             from transformers import AutoTokenizer
 
