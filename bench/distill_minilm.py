@@ -17,7 +17,7 @@ are made on (``--split dev``); the test split is only reported (``--split test``
 
     python bench/distill_minilm.py [--train 3000] [--epochs 3] [--out runs/bench-minilm]
     # the README's numbers: the student recipe chosen on dev, then reported on test
-    python bench/distill_minilm.py --train 1500 --eval 400 --dev 400 --epochs 2 --skip lora \
+    python bench/distill_minilm.py --train 1500 --eval 400 --dev 400 --epochs 2 --skip lora \\
         --student-dir sA --layers 0,2,4 --student-epochs 6 --student-lr 2e-4 --teacher-cache offline
 """
 
