@@ -11,9 +11,14 @@ negation ("far from terrible"), on contrast ("X, but Y" and "although X, Y" take
 on conjunction ("X and Y" of opposite sides is mixed); the same words appear under every label.
 Half the held-out clauses use adjectives that never occur in training (e.g. "atrocious",
 "terrific"), so the model must bring their meaning from pretraining. 5% of training labels are
-flipped at random (noise); the held-out labels are clean.
+flipped at random (noise); the held-out labels are clean. A dev split, drawn like the test
+split from its own generator, is what the runs score while training and what recipe choices
+are made on (``--split dev``); the test split is only reported (``--split test``, the default).
 
     python bench/distill_minilm.py [--train 3000] [--epochs 3] [--out runs/bench-minilm]
+    # the README's numbers: the student recipe chosen on dev, then reported on test
+    python bench/distill_minilm.py --train 1500 --eval 400 --dev 400 --epochs 2 --skip lora \\
+        --student-dir sA --layers 0,2,4 --student-epochs 6 --student-lr 2e-4 --teacher-cache offline
 """
 
 from __future__ import annotations
