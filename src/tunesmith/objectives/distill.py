@@ -43,7 +43,7 @@ from torch import nn
 
 from tunesmith.data.batching import Batch
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.objectives.sft import _accepts_logits_to_keep
+from tunesmith.objectives.sft import keep_positions
 from tunesmith.paths import cache_root
 
 
@@ -221,12 +221,11 @@ def scored_logits(
     """((N, width) logits at the scored positions, the model output): supervised tokens of a
     causal LM in batch order (as ``labels[supervised]``), or one row per sequence."""
     kwargs: dict[str, Any] = {"use_cache": False, "output_hidden_states": hidden}
-    if token_level and _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = batch.supervised
+    if token_level:
+        keep, take = keep_positions(model, batch.supervised)
+        kwargs |= keep
     out = model(**batch.model_inputs(), **kwargs)
-    logits = out.logits
-    if token_level and logits.dim() == 3:
-        logits = logits[batch.supervised]  # (N, V)
+    logits = take(out.logits) if token_level else out.logits  # (N, V) or (B, V)
     return logits[..., :width], out
 
 

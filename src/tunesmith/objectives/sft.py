@@ -10,8 +10,11 @@ Speed: logits are computed only at supervised positions, so prompt tokens cost n
 projection. The objective calls the root model's forward (the object DDP or FSDP would wrap) with
 ``logits_to_keep`` set to the (B, T) boolean mask of supervised positions; transformers then
 applies the LM head (and any logit post-processing of the model: soft-capping, scaling) to those
-positions only and returns (N, V) logits. A model whose forward does not take a boolean mask
-returns (B, T, V) logits, from which the same positions are taken.
+positions only and returns (N, V) logits. Releases of transformers before the boolean mask (5.17
+and older: their models index ``hidden[:, logits_to_keep]``) get the 1-D tensor of positions
+supervised in any row instead, and the (B, P, V) result is narrowed to the mask; a model whose
+forward takes no ``logits_to_keep`` returns (B, T, V) logits, from which the same positions are
+taken.
 
 Memory: when the supervised positions times the vocabulary exceed ``logps.CHUNK_ELEMENTS`` and
 the output head is a plain bias-free linear layer whose output the model returns unchanged, the
@@ -22,8 +25,11 @@ of rows at a time (never the whole (N, V) logits; see that module for the maths)
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,19 +41,44 @@ _POSTPROCESSED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 """Heads whose model changes the head's output (soft-capping, scaling): never chunked."""
 
 
+@functools.cache
+def _keep_mode(cls: type) -> str | None:
+    """How a model class's forward takes ``logits_to_keep``: ``mask`` (a (B, T) boolean mask,
+    through transformers' ``slice_logits_to_keep``), ``positions`` (a 1-D tensor of positions
+    kept in every row: what every release since the argument appeared accepts), or None."""
+    if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
+        return None
+    module = sys.modules.get(cls.__module__)
+    return "mask" if hasattr(module, "slice_logits_to_keep") else "positions"
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return _keep_mode(type(getattr(model, "module", model))) is not None
+
+
+def keep_positions(
+    model: nn.Module, mask: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``logits_to_keep`` for the root forward so that it projects little more than the ``mask``
+    (B, T) positions, and the function that takes those rows, in row-major order, from what the
+    forward returns ((N, X) from a (B, T, X), (B, P, X) or already (N, X) output)."""
     inner = getattr(model, "module", model)  # DDP keeps the model as .module; FSDP2 does not wrap
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    mode = _keep_mode(type(inner))
+    if mode == "mask":
+        return {"logits_to_keep": mask}, lambda out: out if out.dim() == 2 else out[mask]
+    if mode == "positions":
+        cols = mask.any(0).nonzero().squeeze(1)
+        sub = mask[:, cols]
+        return {"logits_to_keep": cols}, lambda out: out[sub]
+    return {}, lambda out: out[mask]
 
 
 def supervised_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at supervised positions (N, V), their targets (N,)), from the root forward."""
     mask = batch.supervised  # (B, T)
     targets = batch.labels[mask]  # (N,)
-    kwargs = {"logits_to_keep": mask} if _accepts_logits_to_keep(model) else {}
-    logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
-    if logits.dim() == 3:  # (B, T, V): the forward kept every position
-        logits = logits[mask]
+    kwargs, take = keep_positions(model, mask)
+    logits = take(model(**batch.model_inputs(), use_cache=False, **kwargs).logits)
     return logits, targets  # (N, V), (N,)
 
 
@@ -86,14 +117,16 @@ def supervised_token_logps(
         return x
 
     head.forward = capture  # the root forward runs (DDP hooks and all) but skips the projection
+    kwargs, take = keep_positions(model, mask)
     try:
-        out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=mask).logits
+        out = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
     finally:
         del head.forward
     hidden = captured[0]
     if out is not hidden and not (out.dtype == hidden.dtype and torch.equal(out, hidden)):
         _POSTPROCESSED.add(head)  # the model changes its logits after the head: do it whole
         return _logps.full_logps(*supervised_logits(model, batch))
+    hidden = take(hidden)
     return _logps.chunked_logps(hidden, head.weight, batch.labels[mask], chunk_elements)
 
 

@@ -130,7 +130,7 @@ def save_checkpoint(
     """Write ``root/step-NNNNNNN`` atomically (see the module docstring) and keep the ``keep``
     newest complete checkpoints. Under torchrun (``par`` with several ranks) every rank writes
     its shards (:func:`save_sharded`)."""
-    if par is not None and par.dist.active:
+    if par is not None and (par.dist.active or par.strategy == "fsdp"):
         return save_sharded(root, step, par, opt, sched, loop_state, keep)
     weights = {k: v.contiguous() for k, v in method.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_flat(opt)

@@ -69,9 +69,14 @@ class Dist:
 
 def current() -> Dist:
     """This process's place in the process group (rank 0 of 1 when there is none)."""
-    if dist.is_available() and dist.is_initialized():
+    if grouped():
         return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Dist()
+
+
+def grouped() -> bool:
+    """Whether this process is in a process group (torchrun, with any number of processes)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def launched_world() -> int:
@@ -83,10 +88,13 @@ _OWNED = False  # whether setup() created the process group (and teardown() may 
 
 
 def setup(train: TrainConfig) -> Dist:
-    """Join the process group torchrun set up the environment for; do nothing in one process."""
+    """Join the process group torchrun set up the environment for; do nothing in one process,
+    unless torchrun started it and ``train.strategy`` names ddp or fsdp explicitly (FSDP2 on one
+    GPU still brings its mixed-precision policy and CPU offload)."""
     global _OWNED
     world = launched_world()
-    if world <= 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if world <= 1 and not (under_torchrun and train.strategy in ("ddp", "fsdp")):
         return current()
     if train.strategy == "none":
         raise ConfigError(
@@ -240,10 +248,12 @@ def resolve_strategy(
 ) -> str:
     """``train.strategy`` for this run: ``auto`` is ``ddp`` when one process holds the model,
     its gradients and AdamW state in 60% of its GPU, else ``fsdp`` (always ``ddp`` on CPU)."""
-    if not current().active:
+    if not grouped():
         return "none"
     if train.strategy != "auto":
         return train.strategy
+    if not current().active:
+        return "none"
     if device.type != "cuda":
         return "ddp"
     free = torch.cuda.get_device_properties(device).total_memory
