@@ -220,7 +220,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         task.prepare(cfg)
     out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
     device = local_device(pick_device(cfg.train.device))
-    release_freed_memory(device)
+    release_freed_memory(device, cfg.train.cpu_memory == "lean")
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
     for note in data.notes:
