@@ -423,3 +423,129 @@ def test_torchrun_cli(llama, pc_data, tmp_path):
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 2 and all(str(pc_data) + ":" in ln for ln in errors), done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Online RL (GRPO, PPO): each rank samples its slice of the prompts, per-row seeds
+
+
+RL_REWARDS = """
+import os
+
+def lower(prompts, completions):
+    return [sum(c.islower() for c in t) / max(len(t), 1) for t in completions]
+
+def flaky(prompts, completions):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("no score on rank 1")
+    return [0.0] * len(completions)
+"""
+
+
+def on_path(path: str, rank: int) -> None:
+    sys.path.insert(0, path)
+
+
+def rl_config(model: Path, data: Path, out: Path, task: str, reward: str, **train) -> dict:
+    return {
+        "model": str(model),
+        "task": task,
+        "method": {"name": "lora", "rank": 4, "alpha": 8},
+        "data": {"train": str(data), "eval": 0.25, "max_length": 64},
+        task: {
+            "reward": reward,
+            "group_size": 2,
+            "max_new_tokens": 6,
+            "eval_prompts": 4,
+            "samples_every": 1,
+            **({"epochs": 2, "minibatches": 2, "kl_control": "adaptive"} if task == "ppo" else {}),
+            **({"kl_coef": 0.1} if task == "grpo" else {}),
+        },
+        "train": {
+            "max_steps": 3 if task == "grpo" else 4,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": False,
+            "warmup": 0,
+            **train,
+        },
+        "output_dir": str(out),
+    }
+
+
+def metric_rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def assert_same_rl(a: Path, b: Path, rel: float = 1e-5) -> None:
+    """The same rollouts (rewards, lengths), losses and final weights."""
+    ra, rb = metric_rows(a), metric_rows(b)
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        for key in ("loss", "reward_mean", "reward_std", "response_len", "kl_ref_seq", "kl_coef"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= rel * max(1.0, abs(x[key])), (key, ra, rb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        err = float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp_min(1e-12))
+        assert err <= rel, (k, err)
+
+
+@pytest.fixture
+def rl_reward(tmp_path):
+    (tmp_path / "rl_dist_rewards.py").write_text(RL_REWARDS)
+    sys.path.insert(0, str(tmp_path))
+    yield partial(on_path, str(tmp_path))
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("rl_dist_rewards", None)
+
+
+@pytest.mark.parametrize("task", ["grpo", "ppo"])
+def test_rl_under_ddp_equals_one_process(llama, pc_data, rl_reward, tmp_path, task):
+    """Per-row seeds: two ranks sample exactly the rollouts one process samples, and the
+    all-gathered batch gives the same advantages (PPO: whitening, adaptive KL) and update."""
+    reward = "rl_dist_rewards:lower"
+    cfg = rl_config(llama, pc_data, tmp_path / "ddp", task, reward, strategy="ddp")
+    assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
+    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", task, reward))
+    assert_same_rl(tmp_path / "one", tmp_path / "ddp")
+    samples = (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()
+    assert samples == (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+
+
+def test_a_reward_error_on_one_rank_ends_both(llama, pc_data, rl_reward, tmp_path):
+    cfg = rl_config(llama, pc_data, tmp_path / "out", "grpo", "rl_dist_rewards:flaky")
+    launched = launch(cfg, patch=rl_reward)
+    assert launched[1].startswith("RewardError: reward rl_dist_rewards:flaky raised ValueError")
+    assert launched[0] == launched[1] + " (on rank 1)"
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp_equals_one_process(llama, pc_data, rl_reward, tmp_path):
+    reward = "rl_dist_rewards:lower"
+    cfg = rl_config(llama, pc_data, tmp_path / "fsdp", "grpo", reward, strategy="fsdp")
+    assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
+    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", "grpo", reward))
+    assert_same_rl(tmp_path / "one", tmp_path / "fsdp", rel=1e-4)
+
+
+@pytest.mark.slow
+def test_rl_save_on_two_resume_on_one(llama, pc_data, rl_reward, tmp_path):
+    """Rollout randomness comes from (seed, rollout batch, row): a checkpoint taken on two
+    processes resumes on one to the run that never stopped."""
+    reward = "rl_dist_rewards:lower"
+    full = rl_config(llama, pc_data, tmp_path / "full", "ppo", reward)
+    tunesmith.train(full)
+    cut = rl_config(llama, pc_data, tmp_path / "cut", "ppo", reward, strategy="ddp", save_every=2)
+    cut["train"]["max_steps"] = 2
+    assert launch(cut, patch=rl_reward) == {0: "ok", 1: "ok"}
+    cut["train"]["max_steps"] = 4
+    cut["train"].pop("strategy")
+    tunesmith.train(cut, resume=True)
+    wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    for k in wa:
+        err = float((wa[k] - wb[k]).norm() / wa[k].norm().clamp_min(1e-12))
+        assert err <= 1e-5, (k, err)
