@@ -14,8 +14,11 @@ for PPO). One rollout batch is made while training, from the current policy:
 The reference pi_ref is the starting model: the policy with its method disabled when the method
 has a frozen base (no second copy), else a frozen copy loaded once. The loop sees an ordinary
 batch source (``Rollouts``) and objective (``RLObjective``); resume is exact because the source's
-state holds the prompt order position, the sampling generator, the KL controller and the
-micro-batches of the current rollout batch not yet trained on.
+state holds the prompt order position, the rollout count (each response's sampling seed derives
+from train.seed, the rollout count and its row), the KL controller and the micro-batches of the
+current rollout batch not yet trained on. Under torchrun each process samples and scores its
+slice of the prompts, and the scored rows are gathered so that advantages and statistics are
+those of the whole batch (``Rollouts.produce``).
 
 Held out, the policy answers held-out prompts greedily (``HeldOutPrompts``): ``eval_reward`` is
 their mean reward, ``eval_exact_match`` the share equal to the record's reference answer (when the
@@ -708,4 +711,5 @@ def rl_task(
         base_comparable=True,
         rising=("eval_reward",),
         report_series=RL_SERIES + extra_series,
+        batch_is_global=True,
     )
