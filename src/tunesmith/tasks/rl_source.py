@@ -249,6 +249,15 @@ class Scored:
     values: torch.Tensor | None
 
 
+def all_ranks_done() -> Callable[[bool], bool] | None:
+    """Under torchrun, ``rollout``'s stopping rule: stop when every process's rows have ended (an
+    all-reduce per decode step, so a sharded model's per-layer collectives stay matched); None
+    (each batch stops on its own) in one process."""
+    if not distributed.current().active:
+        return None
+    return lambda done: not distributed.any_rank(not done)
+
+
 def gather_scored(
     local: Scored, prompt_len: int, completions: list[str], ended: torch.Tensor, pad: int
 ) -> tuple[Scored, list[str], torch.Tensor]:
@@ -433,7 +442,6 @@ class Rollouts:
         mine = torch.tensor_split(torch.arange(len(picked)), self.world)[self.rank].tolist()
         local = self.prompts.take([picked[i] for i in mine for _ in range(G)])
         rows = range(mine[0] * G, (mine[-1] + 1) * G)
-        agree = (lambda done: not distributed.any_rank(not done)) if self.world > 1 else None
         out = rollout(
             model,
             ctx.tokenizer,
@@ -443,7 +451,7 @@ class Rollouts:
             s.top_p,
             generator=self.generators(rows),
             return_logps=False,
-            all_done=agree,
+            all_done=all_ranks_done(),
         )
         error: BaseException | None = None
         scores: list[float] = []
@@ -608,7 +616,14 @@ class RLObjective:
     @torch.no_grad()
     def score(self, model: nn.Module, prompts: Prompts) -> tuple[torch.Tensor, dict[str, float]]:
         """Greedy answers to held-out prompts: sums of reward, exact match and length."""
-        out = rollout(model, self.tokenizer, prompts.rendered, self.max_new_tokens, temperature=0.0)
+        out = rollout(
+            model,
+            self.tokenizer,
+            prompts.rendered,
+            self.max_new_tokens,
+            temperature=0.0,
+            all_done=all_ranks_done(),
+        )
         rewards = self.reward(prompts.raw, out.completions, prompts.fields)
         metrics = {
             "reward": float(sum(rewards)),
