@@ -138,11 +138,9 @@ def losses(out: Path) -> list[float]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    name = (
-        "adapter_model.safetensors"
-        if (out / "adapter_model.safetensors").exists()
-        else "model.safetensors"
-    )
+    """The run's trained weights: the method's artifact (``adapter_model``, ``bottleneck_model``,
+    ...) or the whole model."""
+    (name,) = [p.name for p in out.glob("*model.safetensors")]
     return load_file(str(out / name))
 
 
@@ -446,11 +444,13 @@ def on_path(path: str, rank: int) -> None:
     sys.path.insert(0, path)
 
 
-def rl_config(model: Path, data: Path, out: Path, task: str, reward: str, **train) -> dict:
+def rl_config(
+    model: Path, data: Path, out: Path, task: str, reward: str, method: str = "lora", **train
+) -> dict:
     return {
         "model": str(model),
         "task": task,
-        "method": {"name": "lora", "rank": 4, "alpha": 8},
+        "method": {"name": "lora", "rank": 4, "alpha": 8} if method == "lora" else method,
         "data": {"train": str(data), "eval": 0.25, "max_length": 64},
         task: {
             "reward": reward,
@@ -524,11 +524,19 @@ def test_a_reward_error_on_one_rank_ends_both(llama, pc_data, rl_reward, tmp_pat
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp_equals_one_process(llama, pc_data, rl_reward, tmp_path):
+@pytest.mark.parametrize(
+    "task, method",
+    [("grpo", m) for m in ("lora", "full", "adapter", "prefix", "prompt")]
+    + [("ppo", "lora"), ("ppo", "full")],
+)
+def test_rl_under_fsdp_equals_one_process(llama, pc_data, rl_reward, tmp_path, task, method):
+    """Generation through the sharded model in lockstep; ``full`` keeps a frozen reference copy
+    on every rank, the others disable the method for the reference; PPO's value head is sharded
+    with the root."""
     reward = "rl_dist_rewards:lower"
-    cfg = rl_config(llama, pc_data, tmp_path / "fsdp", "grpo", reward, strategy="fsdp")
+    cfg = rl_config(llama, pc_data, tmp_path / "fsdp", task, reward, method, strategy="fsdp")
     assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
-    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", "grpo", reward))
+    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", task, reward, method))
     assert_same_rl(tmp_path / "one", tmp_path / "fsdp", rel=1e-4)
 
 
