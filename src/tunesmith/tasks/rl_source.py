@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
+from tunesmith.console import say
 from tunesmith.data.formats import prompt_of
 from tunesmith.data.io import Record
 from tunesmith.data.kinds import PROMPTS
@@ -397,6 +398,11 @@ class Rollouts:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollouts, self.position = int(state["rollouts"]), int(state["position"])
+        if "generator" in state:  # written before per-row seeds: its sampling stream is gone
+            say(
+                "resume: this checkpoint predates per-row rollout seeds; the run continues, but "
+                "its next rollouts differ from the ones an uninterrupted run of that version drew."
+            )
         self.advantages.load_state_dict(state["advantages"])
         self.pending = [RLMicroBatch(rl, stats) for rl, stats in _decode(state["pending"])]
 
