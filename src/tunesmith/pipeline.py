@@ -167,16 +167,19 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
 
 def _check_global_batch(cfg: Config, start: Path) -> None:
     """A resumed run may split its global batch differently (another number of processes) but
-    must keep it: train.batch_size x train.grad_accum x processes as the checkpoint's run had."""
+    must keep it: train.batch_size x train.grad_accum x processes as the checkpoint's run had
+    (x 1 for a task whose ``train.batch_size`` is already global: the RL producers)."""
     saved = json.loads((start / "state.json").read_text())
     before = load_config(start.parent.parent / "config.yaml").train
-    world_before = saved["loop"].get("world_size", 1)
+    per_process = not get_task(cfg.task).batch_is_global
+    world_before = saved["loop"].get("world_size", 1) if per_process else 1
+    world_now = launched_world() if per_process else 1
     was = before.batch_size * before.grad_accum * world_before
-    now = cfg.train.batch_size * cfg.train.grad_accum * launched_world()
+    now = cfg.train.batch_size * cfg.train.grad_accum * world_now
     if was != now:
         raise TunesmithError(
             f"--resume: train.batch_size x train.grad_accum x processes is {cfg.train.batch_size} x "
-            f"{cfg.train.grad_accum} x {launched_world()} = {now}, but the run trained with "
+            f"{cfg.train.grad_accum} x {world_now} = {now}, but the run trained with "
             f"{before.batch_size} x {before.grad_accum} x {world_before} = {was}; keep the global "
             f"batch the same (e.g. double train.batch_size or train.grad_accum on half the "
             f"processes)."

@@ -138,11 +138,9 @@ def losses(out: Path) -> list[float]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    name = (
-        "adapter_model.safetensors"
-        if (out / "adapter_model.safetensors").exists()
-        else "model.safetensors"
-    )
+    """The run's trained weights: the method's artifact (``adapter_model``, ``bottleneck_model``,
+    ...) or the whole model."""
+    (name,) = [p.name for p in out.glob("*model.safetensors")]
     return load_file(str(out / name))
 
 
@@ -423,3 +421,146 @@ def test_torchrun_cli(llama, pc_data, tmp_path):
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 2 and all(str(pc_data) + ":" in ln for ln in errors), done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Online RL (GRPO, PPO): each rank samples its slice of the prompts, per-row seeds
+
+
+RL_REWARDS = """
+import os
+
+def lower(prompts, completions):
+    return [sum(c.islower() for c in t) / max(len(t), 1) for t in completions]
+
+def flaky(prompts, completions):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("no score on rank 1")
+    return [0.0] * len(completions)
+"""
+
+
+def on_path(path: str, rank: int) -> None:
+    sys.path.insert(0, path)
+
+
+def rl_config(
+    model: Path, data: Path, out: Path, task: str, reward: str, method: str = "lora", **train
+) -> dict:
+    return {
+        "model": str(model),
+        "task": task,
+        "method": {"name": "lora", "rank": 4, "alpha": 8} if method == "lora" else method,
+        "data": {"train": str(data), "eval": 0.25, "max_length": 64},
+        task: {
+            "reward": reward,
+            "group_size": 2,
+            "max_new_tokens": 6,
+            "eval_prompts": 4,
+            "samples_every": 1,
+            **({"epochs": 2, "minibatches": 2, "kl_control": "adaptive"} if task == "ppo" else {}),
+            **({"kl_coef": 0.1} if task == "grpo" else {}),
+        },
+        "train": {
+            "max_steps": 3 if task == "grpo" else 4,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": False,
+            "warmup": 0,
+            **train,
+        },
+        "output_dir": str(out),
+    }
+
+
+def metric_rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def assert_same_rl(a: Path, b: Path, rel: float = 1e-5) -> None:
+    """The same rollouts (rewards, lengths), losses and final weights."""
+    ra, rb = metric_rows(a), metric_rows(b)
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        for key in ("loss", "reward_mean", "reward_std", "response_len", "kl_ref_seq", "kl_coef"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= rel * max(1.0, abs(x[key])), (key, ra, rb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        err = float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp_min(1e-12))
+        assert err <= rel, (k, err)
+
+
+@pytest.fixture
+def rl_reward(tmp_path):
+    (tmp_path / "rl_dist_rewards.py").write_text(RL_REWARDS)
+    sys.path.insert(0, str(tmp_path))
+    yield partial(on_path, str(tmp_path))
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("rl_dist_rewards", None)
+
+
+@pytest.mark.parametrize("task", ["grpo", "ppo"])
+def test_rl_under_ddp_equals_one_process(llama, pc_data, rl_reward, tmp_path, task):
+    """Per-row seeds: two ranks sample exactly the rollouts one process samples, and the
+    all-gathered batch gives the same advantages (PPO: whitening, adaptive KL) and update."""
+    reward = "rl_dist_rewards:lower"
+    cfg = rl_config(llama, pc_data, tmp_path / "ddp", task, reward, strategy="ddp")
+    assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
+    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", task, reward))
+    assert_same_rl(tmp_path / "one", tmp_path / "ddp")
+    samples = (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()
+    assert samples == (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+
+
+def test_a_reward_error_on_one_rank_ends_both(llama, pc_data, rl_reward, tmp_path):
+    cfg = rl_config(llama, pc_data, tmp_path / "out", "grpo", "rl_dist_rewards:flaky")
+    launched = launch(cfg, patch=rl_reward)
+    assert launched[1].startswith("RewardError: reward rl_dist_rewards:flaky raised ValueError")
+    assert launched[0] == launched[1] + " (on rank 1)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task, method",
+    [("grpo", m) for m in ("lora", "full", "adapter", "prefix", "prompt")]
+    + [("ppo", "lora"), ("ppo", "full")],
+)
+def test_rl_under_fsdp_equals_one_process(llama, pc_data, rl_reward, tmp_path, task, method):
+    """Generation through the sharded model in lockstep; ``full`` keeps a frozen reference copy
+    on every rank, the others disable the method for the reference; PPO's value head is sharded
+    with the root."""
+    reward = "rl_dist_rewards:lower"
+    cfg = rl_config(llama, pc_data, tmp_path / "fsdp", task, reward, method, strategy="fsdp")
+    assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
+    tunesmith.train(rl_config(llama, pc_data, tmp_path / "one", task, reward, method))
+    assert_same_rl(tmp_path / "one", tmp_path / "fsdp", rel=1e-4)
+
+
+@pytest.mark.slow
+def test_rl_save_on_two_resume_on_one_or_two(llama, pc_data, rl_reward, tmp_path):
+    """Rollout randomness comes from (seed, rollout batch, row) and train.batch_size is the
+    global number of prompts: PPO saved on two processes after step 2 (of 4; 2 epochs x 2
+    mini-batches per rollout batch, so mid rollout batch) resumes on one or on two processes to
+    the run that never stopped."""
+    reward = "rl_dist_rewards:lower"
+    whole = tmp_path / "whole"
+    cfg = rl_config(llama, pc_data, whole, "ppo", reward, strategy="ddp", save_every=1)
+    cfg["train"]["keep_checkpoints"] = 5
+    assert launch(cfg, patch=rl_reward) == {0: "ok", 1: "ok"}
+    for world in (1, 2):
+        out = tmp_path / f"resumed-on-{world}"
+        shutil.copytree(whole, out)  # as if the run had been stopped after step 3
+        shutil.rmtree(out / "checkpoints" / "step-0000004")
+        (out / "run.json").unlink()
+        saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved_cfg, "output_dir": str(out)}))
+        again = {**cfg, "output_dir": str(out)}
+        if world == 1:
+            tunesmith.train(again, resume=True)
+        else:
+            assert launch(again, resume=True, patch=rl_reward) == {0: "ok", 1: "ok"}
+        assert_same_rl(whole, out)

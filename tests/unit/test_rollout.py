@@ -213,3 +213,32 @@ def test_select_picks_rows(llama, tok):
     assert torch.equal(sub.response_ids, out.response_ids[[2, 0]])
     assert sub.completions == [out.completions[2], out.completions[0]]
     assert torch.equal(sub.input_ids, out.input_ids[[2, 0]])
+
+
+def test_per_row_generators_make_a_row_independent_of_how_the_batch_is_split(llama, tok):
+    """One generator per row (what the RL source uses under torchrun): the whole batch samples
+    what its halves sample apart, and extra decode steps forced by ``all_done`` (other
+    processes still sampling) only add padding."""
+    model, _ = policy(llama, "lora")
+    kw = dict(max_new_tokens=12, temperature=1.0)
+
+    def gens(rows):
+        return [seeded(100 + j) for j in rows]
+
+    whole = rollout(model, tok, PROMPTS, generator=gens(range(3)), **kw)
+    first = rollout(model, tok, PROMPTS[:1], generator=gens(range(1)), **kw)
+    rest = rollout(model, tok, PROMPTS[1:], generator=gens(range(1, 3)), **kw)
+    assert whole.completions == first.completions + rest.completions
+    steps = []
+    longer = rollout(
+        model,
+        tok,
+        PROMPTS[:1],
+        generator=gens(range(1)),
+        all_done=lambda done: steps.append(done) or False,  # never agree to stop early
+        **kw,
+    )
+    assert longer.response_ids.shape[1] == 12 and len(steps) == 12
+    assert longer.completions == first.completions
+    with pytest.raises(ValueError, match="one generator per prompt"):
+        rollout(model, tok, PROMPTS, generator=gens(range(2)), **kw)

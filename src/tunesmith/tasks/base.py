@@ -137,6 +137,10 @@ class Task:
     """Logged metrics the run report plots, one panel each, beside the loss curve."""
     rising: tuple[str, ...] = ()
     """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
+    batch_is_global: bool = False
+    """Whether ``train.batch_size`` is already the global batch under torchrun (the RL producers
+    split each rollout batch's prompts between processes), rather than a per-process batch that
+    the number of processes multiplies."""
     prepare: Callable[[Config], None] | None = None
     """Fills settings that come from the data before anything is saved or loaded (classify: the
     class list, which sizes the head); None for none."""

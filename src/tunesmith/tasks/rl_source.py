@@ -14,8 +14,11 @@ for PPO). One rollout batch is made while training, from the current policy:
 The reference pi_ref is the starting model: the policy with its method disabled when the method
 has a frozen base (no second copy), else a frozen copy loaded once. The loop sees an ordinary
 batch source (``Rollouts``) and objective (``RLObjective``); resume is exact because the source's
-state holds the prompt order position, the sampling generator, the KL controller and the
-micro-batches of the current rollout batch not yet trained on.
+state holds the prompt order position, the rollout count (each response's sampling seed derives
+from train.seed, the rollout count and its row), the KL controller and the micro-batches of the
+current rollout batch not yet trained on. Under torchrun each process samples and scores its
+slice of the prompts, and the scored rows are gathered so that advantages and statistics are
+those of the whole batch (``Rollouts.produce``).
 
 Held out, the policy answers held-out prompts greedily (``HeldOutPrompts``): ``eval_reward`` is
 their mean reward, ``eval_exact_match`` the share equal to the record's reference answer (when the
@@ -36,15 +39,17 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config
+from tunesmith.console import say
 from tunesmith.data.formats import prompt_of
 from tunesmith.data.io import Record
 from tunesmith.data.kinds import PROMPTS
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.generate import normalise
 from tunesmith.models import DTYPES
 from tunesmith.objectives.ppo import ClippedPolicyObjective, RLBatch
 from tunesmith.rewards import RewardSource, load_reward, missing_end_penalty
 from tunesmith.tasks.base import Context, Task
+from tunesmith.training import distributed
 from tunesmith.training.rollout import response_logps, rollout
 
 RL_SERIES = (
@@ -245,6 +250,54 @@ class Scored:
     values: torch.Tensor | None
 
 
+def all_ranks_done() -> Callable[[bool], bool] | None:
+    """Under torchrun, ``rollout``'s stopping rule: stop when every process's rows have ended (an
+    all-reduce per decode step, so a sharded model's per-layer collectives stay matched); None
+    (each batch stops on its own) in one process."""
+    if not distributed.current().active:
+        return None
+    return lambda done: not distributed.any_rank(not done)
+
+
+def gather_scored(
+    local: Scored, prompt_len: int, completions: list[str], ended: torch.Tensor, pad: int
+) -> tuple[Scored, list[str], torch.Tensor]:
+    """Collective: every process's scored rows, in rank order, as one batch. Prompts (the first
+    ``prompt_len`` columns, left-padded) are left-padded to the longest prompt, responses
+    right-padded to the longest response (pad id, mask 0, log-probs and values 0)."""
+    d = distributed.current()
+    mine = {
+        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(local).items()
+    }
+    parts: list[Any] = [None] * d.world
+    dist_obj = (mine, prompt_len, completions, ended.cpu())
+    torch.distributed.all_gather_object(parts, dist_obj)
+    P = max(p[1] for p in parts)
+    R = max(p[0]["response_mask"].shape[1] for p in parts)
+
+    def pad_to(t: torch.Tensor, left: int, right: int, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in mine}
+    for sc, p_len, _, _ in parts:
+        r_len = sc["response_mask"].shape[1]
+        for k, v in sc.items():
+            if v is None:
+                continue
+            if k in ("ids", "mask"):
+                value = pad if k == "ids" else 0
+                prompt = pad_to(v[:, :p_len], P - p_len, 0, value)
+                cols[k].append(torch.cat([prompt, pad_to(v[:, p_len:], 0, R - r_len, value)], 1))
+            elif k == "scores":
+                cols[k].append(v)
+            else:
+                cols[k].append(pad_to(v, 0, R - r_len, 0))
+    device = local.ids.device
+    merged = {k: (torch.cat(v).to(device) if v else None) for k, v in cols.items()}
+    texts = [c for p in parts for c in p[2]]
+    return Scored(**merged), texts, torch.cat([p[3] for p in parts])
+
+
 class Advantages(Protocol):
     def __call__(self, s: Scored) -> tuple[RLBatch, dict[str, float]]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -296,11 +349,34 @@ class Rollouts:
         self.advantages, self.reference, self.values = advantages, reference, values
         self.prompts = read_prompts(ctx.data.train_records, ctx)
         self.seed = ctx.cfg.train.seed
-        self.generator = torch.Generator().manual_seed(self.seed)
         self.rollouts = 0  # rollout batches made so far
         self.position = 0  # prompts handed out so far
-        self.pending: list[RLMicroBatch] = []
+        self.pending: list[RLMicroBatch] = []  # global micro-batches (every process holds them)
         self.samples_path = ctx.out / "samples.jsonl" if ctx.out is not None else None
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under torchrun: this process samples, scores and trains on its slice of each rollout
+        batch (``train.batch_size`` stays the global number of prompts)."""
+        rows = self.ctx.cfg.train.batch_size * self.s.group_size
+        per_micro = rows // (self.s.minibatches * self.ctx.cfg.train.grad_accum)
+        if self.ctx.cfg.train.batch_size < world or per_micro < world:
+            raise ConfigError(
+                f"train.batch_size: {self.ctx.cfg.train.batch_size} prompts x group_size "
+                f"{self.s.group_size} give micro-batches of {per_micro} responses, fewer than the "
+                f"{world} processes (each needs at least one prompt and one response per "
+                f"micro-batch); raise train.batch_size or lower minibatches / train.grad_accum."
+            )
+        self.rank, self.world = rank, world
+
+    def global_batch(self, world: int) -> str:
+        """The start-up line's account of one step under torchrun."""
+        s, t = self.s, self.ctx.cfg.train
+        return (
+            f"global rollout batch {t.batch_size} prompts x {s.group_size} responses "
+            f"(train.batch_size x group_size), split over {world} processes; "
+            f"{s.minibatches} optimiser steps per pass, {t.grad_accum} micro-batches each"
+        )
 
     # -- BatchSource
 
@@ -316,15 +392,17 @@ class Rollouts:
         return {
             "rollouts": self.rollouts,
             "position": self.position,
-            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode(),
             "advantages": self.advantages.state_dict(),
             "pending": _encode([(m.rl, m.stats) for m in self.pending]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollouts, self.position = int(state["rollouts"]), int(state["position"])
-        raw = base64.b64decode(state["generator"])
-        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        if "generator" in state:  # written before per-row seeds: its sampling stream is gone
+            say(
+                "resume: this checkpoint predates per-row rollout seeds; the run continues, but "
+                "its next rollouts differ from the ones an uninterrupted run of that version drew."
+            )
         self.advantages.load_state_dict(state["advantages"])
         self.pending = [RLMicroBatch(rl, stats) for rl, stats in _decode(state["pending"])]
 
@@ -332,7 +410,11 @@ class Rollouts:
         while True:
             if not self.pending:
                 self.pending = self.produce()
-            yield self.pending.pop(0)
+            micro = self.pending.pop(0)
+            if self.world > 1:
+                mine = torch.tensor_split(torch.arange(len(micro.rl)), self.world)[self.rank]
+                micro = RLMicroBatch(micro.rl.select(mine), micro.stats)
+            yield micro
 
     # -- one rollout batch
 
@@ -347,23 +429,44 @@ class Rollouts:
             self.position += 1
         return out
 
+    def generators(self, rows: range) -> list[torch.Generator]:
+        """One sampling generator per response, seeded from (train.seed, rollout batch, row of
+        the global rollout batch): a response is the same whichever process samples it."""
+        base = (self.seed * 1_000_003 + self.rollouts) * 1_000_033
+        return [torch.Generator().manual_seed((base + j) % 2**63) for j in rows]
+
     @torch.no_grad()
     def produce(self) -> list[RLMicroBatch]:
+        """One global rollout batch. Prompts are split between processes in contiguous slices
+        (a prompt's whole group on one process); each samples, scores and runs the no-grad pass
+        on its slice; the scored rows are all-gathered (``gather_scored``) so that advantages
+        (group baselines, PPO's whitening and KL controller) and the logged statistics are those
+        of the whole batch, the same on every process and as in one process."""
         s, ctx, model = self.s, self.ctx, self.ctx.model
         G = s.group_size
-        chosen = self.prompts.take([i for i in self.next_prompts() for _ in range(G)])
+        picked = self.next_prompts()
+        mine = torch.tensor_split(torch.arange(len(picked)), self.world)[self.rank].tolist()
+        local = self.prompts.take([picked[i] for i in mine for _ in range(G)])
+        rows = range(mine[0] * G, (mine[-1] + 1) * G)
         out = rollout(
             model,
             ctx.tokenizer,
-            chosen.rendered,
+            local.rendered,
             s.max_new_tokens,
             s.temperature,
             s.top_p,
-            generator=self.generator,
+            generator=self.generators(rows),
             return_logps=False,
+            all_done=all_ranks_done(),
         )
-        scores = self.reward(chosen.raw, out.completions, chosen.fields)
-        scores = missing_end_penalty(scores, out.ended.tolist(), s.missing_end_penalty)
+        error: BaseException | None = None
+        scores: list[float] = []
+        try:
+            scores = self.reward(local.raw, out.completions, local.fields)
+            scores = missing_end_penalty(scores, out.ended.tolist(), s.missing_end_penalty)
+        except TunesmithError as e:
+            error = e
+        distributed.raise_agreed(error)  # a reward error on one process ends every process
         ids, mask, rmask = out.input_ids, out.attention_mask, out.response_mask
         R = rmask.shape[1]
         was_training = model.training
@@ -386,21 +489,29 @@ class Rollouts:
             None if ref is None else ref * m,
             None if values is None else values * m,
         )
+        completions, ended = out.completions, out.ended
+        if self.world > 1:
+            scored, completions, ended = gather_scored(
+                scored, out.prompt_ids.shape[1], completions, ended, ctx.tokenizer.pad_token_id
+            )
         batch, stats = self.advantages(scored)
+        m = scored.response_mask.float()
         lengths = m.sum(-1)
-        t = torch.tensor(scores)
+        t = scored.scores.detach().cpu().double()
         stats = {
             "reward_mean": float(t.mean()),
             "reward_std": float(t.std()) if len(t) > 1 else 0.0,
             "response_len": float(lengths.mean()),
-            "ended": float(out.ended.float().mean()),
+            "ended": float(ended.float().mean()),
             **stats,
         }
         if (
             scored.ref_logps is not None
         ):  # k1 summed over a response: KL[pi_old || pi_ref] per response
             stats["kl_ref_seq"] = float(((scored.logps - scored.ref_logps) * m).sum(-1).mean())
-        self.write_samples(chosen, out.completions, scores)
+        if distributed.current().is_main:
+            chosen = self.prompts.take([i for i in picked for _ in range(G)])
+            self.write_samples(chosen, completions, t.tolist())
         self.rollouts += 1
         return self.split(batch, stats)
 
@@ -511,7 +622,14 @@ class RLObjective:
     @torch.no_grad()
     def score(self, model: nn.Module, prompts: Prompts) -> tuple[torch.Tensor, dict[str, float]]:
         """Greedy answers to held-out prompts: sums of reward, exact match and length."""
-        out = rollout(model, self.tokenizer, prompts.rendered, self.max_new_tokens, temperature=0.0)
+        out = rollout(
+            model,
+            self.tokenizer,
+            prompts.rendered,
+            self.max_new_tokens,
+            temperature=0.0,
+            all_done=all_ranks_done(),
+        )
         rewards = self.reward(prompts.raw, out.completions, prompts.fields)
         metrics = {
             "reward": float(sum(rewards)),
@@ -614,4 +732,5 @@ def rl_task(
         base_comparable=True,
         rising=("eval_reward",),
         report_series=RL_SERIES + extra_series,
+        batch_is_global=True,
     )

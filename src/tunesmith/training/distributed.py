@@ -171,7 +171,9 @@ def any_rank(flag: bool) -> bool:
 
 def raise_agreed(error: BaseException | None) -> None:
     """Collective: when any rank had an error, every rank raises it (the lowest rank's, as one
-    line naming that rank). ``error`` is this rank's, or None."""
+    line naming that rank). ``error`` is this rank's, or None. An error this function raised
+    (marked ``agreed``: every rank holds one) passes through a later call unchanged, so a
+    producer that agrees on its errors inside a batch source is not named twice by the loop."""
     d = current()
     if not d.active:
         if error is not None:
@@ -180,12 +182,16 @@ def raise_agreed(error: BaseException | None) -> None:
     found = [None] * d.world
     message = None if error is None else (type(error).__name__, str(error))
     dist.all_gather_object(found, message)
+    if error is not None and getattr(error, "agreed", False):
+        raise error
     for rank, m in enumerate(found):
         if m is not None:
             if rank == d.rank and error is not None:
+                error.agreed = True  # type: ignore[attr-defined]
                 raise error
-            cls = _error_class(m[0])
-            raise cls(f"{m[1]} (on rank {rank})")
+            agreed = _error_class(m[0])(f"{m[1]} (on rank {rank})")
+            agreed.agreed = True  # type: ignore[attr-defined]
+            raise agreed
 
 
 def _error_class(name: str) -> type[TunesmithError]:

@@ -250,8 +250,8 @@ def train_loop(
         if shard is None:
             raise ConfigError(
                 f"train.strategy: this task's batches ({type(source).__name__}) are made while "
-                f"it trains and cannot be split between {d.world} processes yet; run it in one "
-                f"process (without torchrun)."
+                f"it trains and cannot be split between {d.world} processes (it has no "
+                f"shard(rank, world)); run it in one process (without torchrun)."
             )
         shard(d.rank, d.world)
     steps = total_steps(cfg, source.micro_batches_per_epoch())
@@ -262,10 +262,16 @@ def train_loop(
     trainable = sum(p.numel() for _, p in method.trainable_parameters())
     par = Parallel(model, cfg, device, trainable)  # DDP / FSDP2 under torchrun, else the model
     if d.active:
+        describe = getattr(source, "global_batch", None)  # a producer says what a step holds
         say(
-            f"{d.world} processes, {par.strategy}: global batch {cfg.batch_size} x "
-            f"{cfg.grad_accum} x {d.world} = {cfg.batch_size * cfg.grad_accum * d.world} "
-            f"(train.batch_size x train.grad_accum x processes)"
+            f"{d.world} processes, {par.strategy}: "
+            + (
+                describe(d.world)
+                if describe is not None
+                else f"global batch {cfg.batch_size} x {cfg.grad_accum} x {d.world} = "
+                f"{cfg.batch_size * cfg.grad_accum * d.world} "
+                f"(train.batch_size x train.grad_accum x processes)"
+            )
         )
     # Built after wrapping: FSDP2 replaces the parameters by sharded ones.
     params = [p for _, p in method.trainable_parameters()]

@@ -22,6 +22,7 @@ response (it is what teaches the policy to stop); positions after it are padding
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,21 +140,32 @@ def rollout(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     use_cache: bool = True,
     return_logps: bool = True,
     end_ids: set[int] | None = None,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample one response per rendered prompt from ``model`` (in eval mode: no dropout).
 
     Rows are independent: each draws its own uniform per step, so a prompt's response does not
     depend on its batch neighbours beyond floating-point effects of padding. Sampling stops when
     every row has ended or after ``max_new_tokens``. ``generator`` (a CPU generator) makes the
-    draw reproducible; without one a fresh generator seeded from torch's global RNG is used.
+    draw reproducible; without one a fresh generator seeded from torch's global RNG is used. A
+    list of generators, one per row, gives each row its own stream (row b's uniform at step k is
+    the k-th draw of ``generator[b]``), so a row's response depends on its own seed only, not on
+    which batch or process sampled it (what the RL source uses under torchrun).
+
+    ``all_done(local)`` decides when to stop given whether every local row has ended (default:
+    ``local``); under torchrun it is an all-reduce, so every process runs the same number of
+    decode steps and the collectives of a sharded (FSDP2) forward stay matched. Rows that ended
+    only add padding columns.
     """
     if max_new_tokens < 1:
         raise ValueError("rollout: max_new_tokens must be >= 1.")
     device = next(model.parameters()).device
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise ValueError("rollout: one generator per prompt, or a single generator.")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
     stops = torch.tensor(sorted(end_ids if end_ids is not None else end_token_ids(tokenizer)))
@@ -178,7 +190,11 @@ def rollout(
         tokens, logps = [], []
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for k in range(max_new_tokens):
-            u = torch.rand(B, generator=generator)  # drawn every step, for every row
+            u = (  # drawn every step, for every row
+                torch.stack([torch.rand((), generator=g) for g in generator])
+                if isinstance(generator, list)
+                else torch.rand(B, generator=generator)
+            )
             tok = sample_tokens(logits, u, temperature, top_p)  # (B,)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             if return_logps:
@@ -188,7 +204,10 @@ def rollout(
             tokens.append(tok)
             live = ~done
             done = done | torch.isin(tok, stops)
-            if bool(done.all()) or k == max_new_tokens - 1:
+            finished = bool(done.all())
+            if all_done is not None:
+                finished = all_done(finished)
+            if finished or k == max_new_tokens - 1:
                 break
             # Padding after the end stays out of every later token's attention.
             seq = torch.cat([seq, tok[:, None]], dim=1)
