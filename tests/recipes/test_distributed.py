@@ -145,16 +145,34 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: Path, b: Path, rel: float = 1e-5) -> None:
-    """Loss trajectory and final weights within ``rel`` (relative to each tensor's norm)."""
+    """Loss trajectory within ``rel``; final weights within ``rel`` of their norm taken together,
+    and each tensor within ``10 * rel`` of its own norm.
+
+    Why a looser bound per tensor: Adam moves an element by about lr * m / sqrt(v), which for an
+    element whose gradient is near zero depends on the gradient's last bits, and the order in
+    which a gradient is summed (one process over micro-batches, or an all-reduce of per-rank
+    sums) changes those bits. A LoRA B matrix starts at zero, so after a few steps one such
+    element is a visible share of its small norm (measured: one of 128 elements 4e-6 apart,
+    2e-5 of the tensor's norm, on one CPU model and not on another)."""
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) > 0
     for x, y in zip(la, lb):
         assert abs(x - y) <= rel * abs(x), (la, lb)
+    assert_same_weights(a, b, rel)
+
+
+def assert_same_weights(a: Path, b: Path, rel: float) -> None:
+    """Final weights within ``rel`` of their norm taken together, each tensor within ``10 * rel``
+    of its own (see ``assert_same``)."""
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
+    diff = total = 0.0
     for k in wa:
-        err = float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp_min(1e-12))
-        assert err <= rel, (k, err)
+        d2 = float((wa[k].float() - wb[k].float()).square().sum())
+        n2 = float(wa[k].float().square().sum())
+        diff, total = diff + d2, total + n2
+        assert d2**0.5 <= 10 * rel * max(n2**0.5, 1e-12), (k, (d2 / max(n2, 1e-24)) ** 0.5)
+    assert (diff / max(total, 1e-24)) ** 0.5 <= rel, (diff / max(total, 1e-24)) ** 0.5
 
 
 # What a test changes in one rank (module-level: the ranks start from a fork server).
@@ -487,11 +505,7 @@ def assert_same_rl(a: Path, b: Path, rel: float = 1e-5) -> None:
         for key in ("loss", "reward_mean", "reward_std", "response_len", "kl_ref_seq", "kl_coef"):
             if key in x:
                 assert abs(x[key] - y[key]) <= rel * max(1.0, abs(x[key])), (key, ra, rb)
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        err = float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp_min(1e-12))
-        assert err <= rel, (k, err)
+    assert_same_weights(a, b, rel)
 
 
 @pytest.fixture
