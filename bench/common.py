@@ -352,7 +352,7 @@ def main(
                         name,
                         model,
                         data,
-                        root / f"{cname}-{rep}-{len(got[name])}-{name[:3]}",
+                        root / f"{cname}-{rep}-{len(got[name])}-{'a' if name == ours else 'b'}",
                         wname,
                     )
                     if r is not None:
@@ -449,18 +449,18 @@ def trl_runner(
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        config = getattr(trl, f"{kind}Config")(
-            output_dir=out,
-            gradient_checkpointing=False,
-            lr_scheduler_type="cosine",
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
-            disable_tqdm=True,
-            **args(w),
-        )
+        settings = {
+            "output_dir": out,
+            "gradient_checkpointing": False,
+            "lr_scheduler_type": "cosine",
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_steps": 10_000,
+            "use_cpu": not torch.cuda.is_available(),
+            "bf16": torch.cuda.is_available(),
+            "disable_tqdm": True,
+        }
+        config = getattr(trl, f"{kind}Config")(**{**settings, **args(w)})
         dataset = load_dataset("json", data_files=data, split="train")
         trainer = getattr(trl, f"{kind}Trainer")(
             model=AutoModelForCausalLM.from_pretrained(model),

@@ -57,9 +57,9 @@ def dpo_config(model: str, data: str, out: str, w: Workload) -> dict:
     }
 
 
-RUNS = {
-    "tunesmith dpo lora": tunesmith_runner(dpo_config),
-    "trl+peft dpo lora": trl_runner(
+def trl_dpo(**settings):
+    """``settings`` go to DPOConfig on top of the bench's (``bf16=True``: CPU autocast)."""
+    return trl_runner(
         "DPO",
         True,
         RANK,
@@ -70,10 +70,22 @@ RUNS = {
             "num_train_epochs": EPOCHS,
             "max_length": w.max_length,
             "beta": BETA,
+            **settings,
         },
-    ),
+    )
+
+
+RUNS = {
+    "tunesmith dpo lora": tunesmith_runner(dpo_config),
+    "trl+peft dpo lora": trl_dpo(),
+    "trl+peft dpo lora bf16": trl_dpo(bf16=True),
 }
-COMPARISONS = {"lora": ("tunesmith dpo lora", "trl+peft dpo lora")}
+COMPARISONS = {
+    "lora": ("tunesmith dpo lora", "trl+peft dpo lora"),
+    # TRL with CPU bf16 autocast: its faster setting on a CPU with native bf16
+    "lora-bf16": ("tunesmith dpo lora", "trl+peft dpo lora bf16"),
+}
+DEFAULT = ("lora",)
 
 if __name__ == "__main__":
     main(
@@ -83,4 +95,5 @@ if __name__ == "__main__":
         make_data,
         lambda w: f"preference pairs; batch {w.dpo_batch}, lr {LR}, beta {BETA}, {EPOCHS} epoch",
         pairs=True,
+        default=DEFAULT,
     )

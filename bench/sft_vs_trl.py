@@ -43,9 +43,9 @@ def make_data(root: Path, n: int, w: Workload) -> Path:
     return path
 
 
-def tunesmith_sft(method: str, **data_settings):
-    """``data_settings`` override the data section (the ideas in bench/IDEAS.md: packing,
-    grouping) on top of the defaults a user gets."""
+def tunesmith_sft(method: str, train: dict | None = None, **data_settings):
+    """``data_settings`` override the data section and ``train`` the train section (the ideas in
+    bench/IDEAS.md: packing, grouping, precision) on top of the defaults a user gets."""
 
     def config(model: str, data: str, out: str, w: Workload) -> dict:
         m = (
@@ -63,6 +63,7 @@ def tunesmith_sft(method: str, **data_settings):
                 "lr": LR,
                 "progress": False,
                 "warmup": 0.0,
+                **(train or {}),
             },
             "output_dir": out,
         }
@@ -70,7 +71,8 @@ def tunesmith_sft(method: str, **data_settings):
     return tunesmith_runner(config)
 
 
-def trl_sft(lora: bool):
+def trl_sft(lora: bool, **settings):
+    """``settings`` go to SFTConfig on top of the bench's (``bf16=True``: CPU autocast)."""
     return trl_runner(
         "SFT",
         lora,
@@ -81,6 +83,7 @@ def trl_sft(lora: bool):
             "learning_rate": LR,
             "num_train_epochs": EPOCHS,
             "max_length": w.max_length,
+            **settings,
         },
     )
 
@@ -90,8 +93,13 @@ RUNS = {
     "tunesmith lora": tunesmith_sft("lora"),
     "tunesmith lora packed": tunesmith_sft("lora", packing=True),
     "tunesmith lora ungrouped": tunesmith_sft("lora", packing=False, group_by_length=False),
+    "tunesmith lora fp32": tunesmith_sft("lora", train={"precision": "fp32"}),
+    "tunesmith lora bf16": tunesmith_sft("lora", train={"precision": "bf16"}),
+    "tunesmith full bf16": tunesmith_sft("full", train={"precision": "bf16"}),
     "trl full": trl_sft(False),
     "trl+peft lora": trl_sft(True),
+    "trl full bf16": trl_sft(False, bf16=True),
+    "trl+peft lora bf16": trl_sft(True, bf16=True),
 }
 COMPARISONS = {
     "lora": ("tunesmith lora", "trl+peft lora"),
@@ -99,6 +107,11 @@ COMPARISONS = {
     # ideas (bench/IDEAS.md), run with --only
     "lora-packed": ("tunesmith lora packed", "trl+peft lora"),
     "lora-ungrouped": ("tunesmith lora ungrouped", "trl+peft lora"),
+    # bf16 autocast on a CPU with native bf16 dot products (AVX512_BF16 / AMX)
+    "lora-bf16-vs-fp32": ("tunesmith lora bf16", "tunesmith lora fp32"),
+    "lora-bf16": ("tunesmith lora bf16", "trl+peft lora bf16"),
+    "lora-bf16-vs-trl-fp32": ("tunesmith lora bf16", "trl+peft lora"),
+    "full-bf16": ("tunesmith full bf16", "trl full bf16"),
 }
 DEFAULT = ("lora", "full")
 

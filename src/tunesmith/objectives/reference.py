@@ -23,7 +23,7 @@ from tunesmith.data.tokenize import Example, fingerprint_examples
 from tunesmith.models import weights_fingerprint
 from tunesmith.objectives.sft import sequence_logps
 from tunesmith.paths import cache_root
-from tunesmith.training.loop import autocast
+from tunesmith.training.precision import autocast
 
 
 def cache_key(model: nn.Module, examples: list[Example], cfg: Config) -> str:

@@ -29,7 +29,7 @@ from tunesmith.data.batching import Batches
 from tunesmith.data.tokenize import Example, fingerprint_examples
 from tunesmith.objectives.distill import CACHE_FOLDER, scored_logits
 from tunesmith.paths import cache_root
-from tunesmith.training.loop import autocast
+from tunesmith.training.precision import autocast
 
 
 def teacher_cache_path(

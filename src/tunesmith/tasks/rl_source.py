@@ -50,6 +50,7 @@ from tunesmith.objectives.ppo import ClippedPolicyObjective, RLBatch
 from tunesmith.rewards import RewardSource, load_reward, missing_end_penalty
 from tunesmith.tasks.base import Context, Task
 from tunesmith.training import distributed
+from tunesmith.training.precision import autocast
 from tunesmith.training.rollout import response_logps, rollout
 
 RL_SERIES = (
@@ -471,12 +472,15 @@ class Rollouts:
         R = rmask.shape[1]
         was_training = model.training
         model.eval()
-        try:
-            logps, _ = response_logps(model, ids, mask, R, s.temperature)
-            values = (
-                self.values(model, RLBatch(ids, mask, rmask, logps, logps)) if self.values else None
-            )
-            ref = self.reference(model, ids, mask, R) if self.reference else None
+        try:  # in the update's precision, so that the first ratio pi / pi_old is exactly 1
+            with autocast(ctx.device, ctx.cfg.train.precision):
+                logps, _ = response_logps(model, ids, mask, R, s.temperature)
+                values = (
+                    self.values(model, RLBatch(ids, mask, rmask, logps, logps))
+                    if self.values
+                    else None
+                )
+                ref = self.reference(model, ids, mask, R) if self.reference else None
         finally:
             model.train(was_training)
         m = rmask.float()

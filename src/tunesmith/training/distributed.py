@@ -45,6 +45,7 @@ from torch import nn
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.training.precision import resolve_precision
 
 T = TypeVar("T")
 
@@ -338,10 +339,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> n
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {}
-    bf16 = train.precision == "bf16" or (
-        train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if bf16:
+    if resolve_precision(train.precision, device, model) == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )

@@ -37,6 +37,7 @@ from tunesmith.training.distributed import Parallel, all_max, all_sum, current, 
 from tunesmith.training.guard import Interrupted, NanGuard, SignalGuard
 from tunesmith.training.logging import MetricsLog, progress
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.precision import autocast
 
 
 class Objective(Protocol):
@@ -56,15 +57,6 @@ class LoopResult:
     gather: Callable[[nn.Module | None], None] | None = None
     """FSDP: a collective that copies the trained weights, gathered whole, into rank 0's plain
     model (None on other ranks); None when the model itself holds them whole."""
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when asked for (``auto``: on a GPU that supports it), else nothing."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int | None) -> int:
