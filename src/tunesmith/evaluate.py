@@ -28,7 +28,7 @@ from tunesmith.models import (
 from tunesmith.tasks import Context, get_task
 from tunesmith.tasks.base import record_counts
 from tunesmith.training.loop import evaluate
-from tunesmith.training.precision import resolve_precision
+from tunesmith.training.precision import settle_precision
 
 
 def warn_if_data_changed(run: Path, cfg: Config) -> list[str]:
@@ -72,7 +72,7 @@ def evaluate_target(
             "data.eval: the config has no held-out split to evaluate on; set data.eval to a fraction or a file."
         )
     device = next(model.parameters()).device
-    cfg.train.precision = resolve_precision(cfg.train.precision, device, model)
+    settle_precision(cfg.train, device, model)
     ctx = Context(
         cfg,
         model,

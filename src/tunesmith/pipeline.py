@@ -49,7 +49,7 @@ from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
 from tunesmith.training.memory import release_freed_memory
-from tunesmith.training.precision import model_width, resolve_precision
+from tunesmith.training.precision import settle_precision
 
 
 @dataclass
@@ -217,19 +217,6 @@ def parameter_counts(model: nn.Module, method: Method) -> tuple[int, int]:
     return trainable, total
 
 
-def choose_precision(cfg: Config, device: torch.device, model: nn.Module) -> None:
-    """Resolve ``train.precision: auto`` for this machine and model (``training.precision``), so
-    that the loop, evaluation, references and teachers all compute in the same precision; say so
-    when the choice is not the obvious one (bf16 on a CPU)."""
-    chosen = resolve_precision(cfg.train.precision, device, model)
-    if cfg.train.precision == "auto" and chosen == "bf16" and device.type == "cpu":
-        say(
-            f"precision: auto chose bf16 (this CPU multiplies bf16 natively and the model is "
-            f"{model_width(model)} wide); train.precision=fp32 keeps float32"
-        )
-    cfg.train.precision = chosen
-
-
 def setup_run(cfg: Config, resume: bool = False) -> Run:
     """Everything the loop needs, built from the task's declaration."""
     task = get_task(cfg.task)
@@ -239,7 +226,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     device = local_device(pick_device(cfg.train.device))
     release_freed_memory(device, cfg.train.cpu_memory == "lean")
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
-    choose_precision(cfg, device, model)
+    settle_precision(cfg.train, device, model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)
     for note in data.notes:
         say(note)

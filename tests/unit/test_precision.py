@@ -44,23 +44,13 @@ def test_auto_without_native_bf16_is_fp32(monkeypatch):
     assert precision.resolve_precision("auto", CPU, wide(4096)) == "fp32"
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    real = precision.Path
+def test_native_bf16_is_read_from_the_cpu_flags():
+    def cpuinfo(flags: str) -> bool:
+        return precision.bf16_in_flags(f"processor\t: 0\nflags\t\t: {flags}\n")
 
-    def cpuinfo(flags: str):
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(
-            precision, "Path", lambda p: real(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else p
-        )
-        precision.cpu_has_native_bf16.cache_clear()
-        return precision.cpu_has_native_bf16()
-
-    try:
-        assert cpuinfo("fpu sse2 avx2 avx512f avx512_bf16") is True
-        assert cpuinfo("fpu sse2 avx2 amx_bf16 amx_tile") is True
-        assert cpuinfo("fpu sse2 avx2 avx512f avx512bw") is False  # AVX-512 without bf16
-    finally:
-        precision.cpu_has_native_bf16.cache_clear()
+    assert cpuinfo("fpu sse2 avx2 avx512f avx512_bf16") is True
+    assert cpuinfo("fpu sse2 avx2 amx_bf16 amx_tile") is True
+    assert cpuinfo("fpu sse2 avx2 avx512f avx512bw") is False  # AVX-512 without bf16
 
 
 def run(model, data, out, **train):

@@ -26,19 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.config import TrainConfig
+from tunesmith.console import say
+
 CPU_BF16_MIN_HIDDEN = 256
 """Narrowest model (hidden size) for which ``auto`` picks bf16 on a CPU with native bf16."""
 
 
+def bf16_in_flags(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s text lists bf16 dot-product instructions (x86 AVX512_BF16 or
+    AMX-BF16) among the CPU flags."""
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (x86 AVX512_BF16 or AMX-BF16)."""
+    """Whether this CPU has bf16 dot-product instructions (read once per process)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        return bf16_in_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
         return False
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def model_width(model: nn.Module) -> int | None:
@@ -62,6 +70,19 @@ def resolve_precision(precision: str, device: torch.device, model: nn.Module | N
         if width is not None and width >= CPU_BF16_MIN_HIDDEN:
             return "bf16"
     return "fp32"
+
+
+def settle_precision(train: TrainConfig, device: torch.device, model: nn.Module) -> None:
+    """Resolve ``train.precision`` in place for this machine and model, so that the loop,
+    evaluation, references and teachers all compute in the same precision; say so when ``auto``
+    picks bf16 on a CPU (not the obvious choice)."""
+    chosen = resolve_precision(train.precision, device, model)
+    if train.precision == "auto" and chosen == "bf16" and device.type == "cpu":
+        say(
+            f"precision: auto chose bf16 (this CPU multiplies bf16 natively and the model is "
+            f"{model_width(model)} wide); train.precision=fp32 keeps float32"
+        )
+    train.precision = chosen
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
