@@ -39,6 +39,7 @@ from tunesmith.methods.base import (
     replace_module,
     toggled,
 )
+from tunesmith.methods.fused_lora import fused_lora
 
 PEFT_PREFIX = "base_model.model."
 
@@ -99,11 +100,26 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        base = self.base_layer
         if not self.enabled:
-            return y
-        a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))  # (..., d_out)
+            return base(x)
+        dropped = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        if type(base) is nn.Linear and not any(p.requires_grad for p in base.parameters()):
+            return fused_lora(
+                x,
+                dropped,
+                base.weight,
+                base.bias,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scaling,
+            )
+        # Over another wrapper (several adapters on one base) or a base that trains: module by module.
+        y = base(x)
+        lora_in = x if dropped is None else dropped
+        if not torch.is_autocast_enabled(x.device.type):
+            lora_in = lora_in.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(lora_in))  # (..., d_out)
         return y + (update * self.scaling).to(y.dtype)
 
     @torch.no_grad()

@@ -1,0 +1,95 @@
+"""One autograd node for a LoRA layer over a frozen linear layer: the base product, the low-rank
+update and their sum in three matrix products forward and four backward, in the compute dtype.
+
+For ``x`` of shape (N, d_in), frozen ``W`` (d_out, d_in) and bias ``b``, trainable ``A`` (r, d_in)
+and ``B`` (d_out, r), scale ``s`` and the LoRA branch's input ``x'`` (``x`` itself, or
+``dropout(x)``):
+
+    h  = x' A^T                        (N, r)
+    y  = x W^T + b + h (s B)^T         (the last product accumulates into y: one GEMM, no add)
+
+and, for the upstream gradient ``g = dL/dy``:
+
+    dL/dx  = g W   (+ (g s B) A when x' is x)
+    dL/dx' = (g s B) A                 (when x' = dropout(x): autograd takes it through dropout)
+    dL/dA  = (g s B)^T x'
+    dL/dB  = s g^T h
+
+The module-by-module version (``base(x) + lora_B(lora_A(x)) * s``) does the same products plus,
+per layer and step, a cast of the input for the LoRA branch (to the adapter's float32 and back
+under autocast), a multiplication of the (N, d_out) update by ``s`` forward and backward, the
+(N, d_out) sum, and the sum of the two input gradients: passes over activations as large as the
+products' outputs, which on a CPU cost as much as a third of a LoRA step (``bench/IDEAS.md``).
+Here ``s`` scales the (d_out, r) matrix ``B`` instead, and the sums happen inside the products.
+
+Under autocast the products run in the autocast dtype (bf16): ``x``, ``W``, ``A`` and ``B`` are
+cast once each, the gradients of ``A`` and ``B`` come back in their own dtype (float32), as
+autocast's casts would give them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class FusedLoRA(torch.autograd.Function):
+    """``y = x W^T + b + s (x' A^T) B^T`` with ``W`` and ``b`` frozen (see the module doc)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        x_lora: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        xl = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1]).to(dtype)
+        w, a = weight.to(dtype), lora_a.to(dtype)
+        sb = (lora_b * scaling).to(dtype)
+        h = xl @ a.t()
+        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        y.addmm_(h, sb.t())
+        ctx.save_for_backward(xl, h, w, a, sb)
+        ctx.scaling, ctx.in_shape, ctx.separate = scaling, x.shape, x_lora is not None
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xl, h, w, a, sb = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        gh = g @ sb  # (N, r): the gradient at h
+        dx = dx_lora = None
+        if ctx.separate:
+            dx_lora = (gh @ a).view(ctx.in_shape) if ctx.needs_input_grad[1] else None
+            dx = (g @ w).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
+        elif ctx.needs_input_grad[0]:
+            dx = torch.addmm(gh @ a, g, w).view(ctx.in_shape)
+        da = gh.t() @ xl if ctx.needs_input_grad[4] else None
+        db = (g.t() @ h) * ctx.scaling if ctx.needs_input_grad[5] else None
+        return dx, dx_lora, None, None, da, db, None, None
+
+
+def fused_lora(
+    x: torch.Tensor,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x W^T + b + s (x_lora A^T) B^T`` (``x_lora`` None: ``x``) as one autograd node, in the
+    autocast dtype when autocast is on, else in ``weight``'s dtype."""
+    device = x.device.type
+    on = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if on else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return FusedLoRA.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, dtype)
