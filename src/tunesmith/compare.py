@@ -2,7 +2,7 @@
 
 Each method trains in its own process (so its peak memory is its own) into
 ``<output_dir>/<method>``; the comparison (Markdown table, PNG chart) is written to
-``<output_dir>/compare.md`` and ``compare.png`` and summarised in the terminal.
+``<output_dir>/compare.md`` and ``compare.svg`` and summarised in the terminal.
 """
 
 from __future__ import annotations
@@ -146,10 +146,7 @@ def _cell(fmt: str, value: Any) -> str:
 def write_comparison(
     root: Path, rows: list[dict[str, Any]], task: str, metrics: Sequence[str] = ("eval_loss",)
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tunesmith.charts import Panel, write_svg
 
     cols = columns(metrics)
     header = "| " + " | ".join(c[0] for c in cols) + " |\n|" + " --- |" * len(cols)
@@ -157,14 +154,14 @@ def write_comparison(
         "| " + " | ".join(_cell(fmt, r.get(key)) for _, key, fmt in cols) + " |" for r in rows
     )
     (root / "compare.md").write_text(
-        f"# tunesmith compare: {task}\n\nSame data, settings and step budget for every method.\n\n{header}\n{body}\n\n![comparison](compare.png)\n"
+        f"# tunesmith compare: {task}\n\nSame data, settings and step budget for every method.\n\n{header}\n{body}\n\n![comparison](compare.svg)\n"
     )
     cells = [[c[0] for c in cols]]
     cells += [[_cell(fmt, r.get(key)) for _, key, fmt in cols] for r in rows]
     width = max(len(cell) for row in cells for cell in row) + 2
     lines = ["".join(f"{cell:>{width}}" for cell in row) for row in cells]
     print("\n".join(lines))
-    print(f"report: {root / 'compare.md'}, chart: {root / 'compare.png'}")
+    print(f"report: {root / 'compare.md'}, chart: {root / 'compare.svg'}")
     names = [r["method"] for r in rows]
     panels = [
         ("trainable_pct", "% of parameters trained"),
@@ -172,11 +169,8 @@ def write_comparison(
         ("tokens_per_s", "tokens / s"),
     ]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=110)
-    for ax, (key, title) in zip(list(axes) if len(panels) > 1 else [axes], panels):
-        ax.bar(names, [r.get(key) or 0 for r in rows], color="#4c72b0")
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(root / "compare.png")
-    plt.close(fig)
+    charts = [
+        Panel(title, bars={n: r.get(key) or 0 for n, r in zip(names, rows)})
+        for key, title in panels
+    ]
+    write_svg(root / "compare.svg", charts, columns=len(charts))

@@ -96,7 +96,7 @@ def quickstart(
         f"eval loss {run.metrics.get('eval_loss', float('nan')):.4f}; {run.metrics['trainable_params']:,} trainable parameters "
         f"({100 * run.metrics['trainable_params'] / run.metrics['total_params']:.1f}%); {run.metrics['train_seconds']:.0f}s training; "
         f"{seconds:.0f}s in all",
-        f"run folder: {out} (report.md, loss.png, metrics.jsonl, adapter in PEFT layout)",
+        f"run folder: {out} (report.md, loss.svg, metrics.jsonl, adapter in PEFT layout)",
         f'try it:     tunesmith generate {out} --prompt "What is 7 plus 8?"',
     ]
     print("\n".join(summary))

@@ -27,19 +27,19 @@ def write_report(
     extra: str = "",
     series: tuple[str, ...] = (),
 ) -> Path:
-    """report.md with the loss curve, and one panel per logged metric in ``series`` (rl.png)."""
+    """report.md with the loss curve, and one panel per logged metric in ``series`` (rl.svg)."""
     title = f"{cfg.task} / {cfg.method.name} on {cfg.model.name}"
-    plot_loss(history, out / "loss.png", title=title)
+    plot_loss(history, out / "loss.svg", title=title)
     shown = [k for k in series if any(k in r for r in history)]
     if shown:
-        plot_series(history, shown, out / "rl.png", title=title)
-        extra = f"![training metrics](rl.png)\n\n{extra}"
+        plot_series(history, shown, out / "rl.svg", title=title)
+        extra = f"![training metrics](rl.svg)\n\n{extra}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in info.items())
     text = (
         f"# tunesmith run: {cfg.task} with {cfg.method.name}\n\n"
         f"Model `{cfg.model.name}`, data `{cfg.data.train}`, output `{out}`.\n\n"
         f"| metric | value |\n| --- | --- |\n{rows}\n\n"
-        f"![loss curve](loss.png)\n\n{extra}"
+        f"![loss curve](loss.svg)\n\n{extra}"
         f"## Config\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n"
     )
     path = out / "report.md"

@@ -83,7 +83,7 @@ def test_quickstart_end_to_end_reduced(cache, tmp_path, capsys):
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     assert evals[-1] < evals[0]  # the held-out loss falls
     assert "Quickstart: before and after" in (out / "report.md").read_text()
-    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "loss.svg").stat().st_size > 0
 
 
 def test_base_eval_loss_falls_after_training(cache, tmp_path, capsys):
@@ -168,6 +168,6 @@ def test_compare_methods(cache, tmp_path, capsys):
     prompt = yaml.safe_load((out / "prompt.yaml").read_text())
     assert prompt["train"]["lr"] == 0.1 and prompt["method"]["virtual_tokens"] == 4
     assert (
-        "| lora |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
+        "| lora |" in (out / "compare.md").read_text() and (out / "compare.svg").stat().st_size > 0
     )
     assert "exact match" in capsys.readouterr().out

@@ -160,7 +160,7 @@ def test_grpo_raises_the_reward_through_the_pipeline(llama, prompts, rewards, tm
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "rollout"} <= set(samples[0])
     report = (out / "report.md").read_text()
-    assert "rl.png" in report and (out / "rl.png").exists()
+    assert "rl.svg" in report and (out / "rl.svg").exists()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -64,7 +64,7 @@ def test_lora_run_artifacts_load_in_peft(tiny_model, pc_data, tmp_path):
         "adapter_model.safetensors",
         "config.yaml",
         "metrics.jsonl",
-        "loss.png",
+        "loss.svg",
         "report.md",
         "run.json",
         "tokenizer.json",

@@ -67,59 +67,35 @@ def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Training loss per step and eval loss at its steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training loss per step (and its moving average when there are 10 steps or more) and eval
+    loss at its steps, as an SVG chart."""
+    from tunesmith.charts import Line, Panel, write_svg
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    lines = []
     if train:
         xs, ys = zip(*train)
-        ax.plot(xs, ys, lw=1, alpha=0.5, label="train loss")
+        lines.append(Line("train loss", xs, ys, width=1, opacity=0.5))
         if len(ys) >= 10:  # a moving average makes the trend readable
             k = max(2, len(ys) // 20)
-            smooth = [
-                sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
-                for i in range(len(ys))
-            ]
-            ax.plot(xs, smooth, lw=2, label=f"train loss (avg of {k})")
+            smooth = [sum(ys[max(0, i - k + 1) : i + 1]) / min(k, i + 1) for i in range(len(ys))]
+            lines.append(Line(f"train loss (avg of {k})", xs, smooth, width=2))
     if evals:
         xs, ys = zip(*evals)
-        ax.plot(xs, ys, "o-", lw=2, label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / supervised token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        lines.append(Line("eval loss", xs, ys, width=2, dots=True))
+    panel = Panel(title, lines, xlabel="step", ylabel="loss (nats / supervised token)")
+    write_svg(path, [panel], columns=1)
 
 
 def plot_series(
     records: list[dict[str, Any]], keys: list[str], path: Path, title: str = ""
 ) -> None:
-    """One small panel per logged metric (its value at every step that logged it), as a PNG."""
-    import matplotlib
+    """One small panel per logged metric (its value at every step that logged it), as SVG."""
+    from tunesmith.charts import Line, Panel, write_svg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(keys))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=100, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, "o-" if len(xs) < 20 else "-", lw=1.5, ms=3)
-        ax.set_title(key, fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    panels = []
+    for key in keys:
+        xs, ys = zip(*[(r["step"], r[key]) for r in records if key in r])
+        panels.append(Panel(key, [Line(key, xs, ys, dots=len(xs) < 20)], xlabel="step"))
+    write_svg(path, panels, title=title)
