@@ -1,14 +1,15 @@
-"""glibc's mmap threshold on CPU: training-loop speed against peak resident memory.
+"""glibc's malloc on CPU (``train.cpu_memory``): training-loop speed against peak resident memory.
 
-``train.cpu_memory: lean`` (``training/memory.py``) fixes ``M_MMAP_THRESHOLD`` at 64 KB, trading
-a page fault per page of every large allocation for a resident size that follows live memory;
-the default (``fast``) leaves glibc's dynamic threshold alone. This script runs the same short
-tunesmith SFT (LoRA or full) once per malloc setting, each a process of its own started with
-glibc's ``MALLOC_MMAP_THRESHOLD_`` (and, for ``+THP``, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``:
-transparent huge pages for malloc's mappings), alternating settings over ``--repeat`` rounds, and
-prints the median loop tokens/s and peak RSS of each.
+``train.cpu_memory`` (``training/memory.py``) is ``fast`` (default: mmap threshold 1 GiB, trim
+threshold 2 GiB - 1, so freed activation memory is reused from the heap), ``lean`` (mmap
+threshold 64 KB: memory goes back to the system on ``free``, a page fault per page of every
+large tensor) or ``system`` (glibc's dynamic defaults). This script runs the same short tunesmith
+SFT (LoRA or full) once per setting, each a process of its own, alternating settings over
+``--repeat`` rounds, and prints the median loop tokens/s, peak RSS and minor page faults of
+each. ``system+THP`` adds transparent huge pages for malloc's mappings
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc >= 2.35).
 
-    OMP_NUM_THREADS=1 python bench/malloc_threshold.py --workload short --steps 6 --repeat 2
+    OMP_NUM_THREADS=2 python bench/malloc_threshold.py --workload short --steps 6 --repeat 2
 """
 
 from __future__ import annotations
@@ -26,18 +27,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import WORKLOADS, make_model  # noqa: E402
 from sft_vs_trl import make_data  # noqa: E402
 
-SETTINGS = {
-    "default": None,  # glibc's dynamic threshold
-    "64K": 64 * 1024,
-    "1M": 2**20,
-    "4M": 4 * 2**20,
-    "32M": 32 * 2**20,  # glibc's largest dynamic value, fixed from the start
-    "64K+THP": 64 * 1024,  # and transparent huge pages for malloc's mappings (glibc >= 2.35)
-    "default+THP": None,
+SETTINGS = {  # name: (train.cpu_memory, extra environment)
+    "fast": ("fast", {}),
+    "lean": ("lean", {}),
+    "system": ("system", {}),
+    "system+THP": ("system", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
 }
 
 
-def child(model: str, data: str, out: str, method: str, steps: int, batch: int, max_len: int):
+def child(
+    model: str, data: str, out: str, memory: str, method: str, steps: int, batch: int, max_len: int
+):
     import tunesmith
 
     m = {"name": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}
@@ -46,7 +46,13 @@ def child(model: str, data: str, out: str, method: str, steps: int, batch: int, 
             "model": model,
             "method": m if method == "lora" else "full",
             "data": {"train": data, "eval": None, "max_length": max_len},
-            "train": {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "progress": False},
+            "train": {
+                "max_steps": steps,
+                "batch_size": batch,
+                "lr": 2e-4,
+                "progress": False,
+                "cpu_memory": memory,
+            },
             "output_dir": out,
         }
     )
@@ -60,7 +66,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--only", default=None, help="comma-separated settings")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     w = WORKLOADS[a.workload]
     if a.child:
@@ -70,17 +76,16 @@ def main() -> None:
     model = make_model(Path(tempfile.gettempdir()) / "tunesmith-bench-models" / a.workload, w)
     data = make_data(root, a.steps * w.batch, w)
     names = a.only.split(",") if a.only else list(SETTINGS)
-    got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    got: dict[str, list[tuple[float, float, int]]] = {n: [] for n in names}
     for rep in range(a.repeat):
         for name in names if rep % 2 == 0 else names[::-1]:
-            env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-            if SETTINGS[name] is not None:
-                env["MALLOC_MMAP_THRESHOLD_"] = str(SETTINGS[name])
-            if name.endswith("+THP"):
-                env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+            memory, extra = SETTINGS[name]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            env.pop("GLIBC_TUNABLES", None)
+            env.update(extra)
             out = root / f"{name}-{rep}"
             cmd = [sys.executable, __file__, "--workload", a.workload, "--method", a.method]
-            cmd += ["--steps", str(a.steps), "--child", str(model), str(data), str(out)]
+            cmd += ["--steps", str(a.steps), "--child", str(model), str(data), str(out), memory]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             text = proc.stdout.read().decode() if proc.stdout else ""
             _, status, usage = os.wait4(proc.pid, 0)
@@ -89,10 +94,10 @@ def main() -> None:
                 print(f"{name}: failed\n{text[-2000:]}")
                 continue
             m = json.loads(line[7:])
-            got[name].append((m["tokens_per_s"], usage.ru_maxrss / 1024))
+            got[name].append((m["tokens_per_s"], usage.ru_maxrss / 1024, usage.ru_minflt))
             print(
                 f"  {name:<8} round {rep}: {m['tokens_per_s']:,.0f} tok/s, peak RSS "
-                f"{usage.ru_maxrss / 1024:,.0f} MB",
+                f"{usage.ru_maxrss / 1024:,.0f} MB, {usage.ru_minflt:,} page faults",
                 flush=True,
             )
     print(
@@ -103,7 +108,11 @@ def main() -> None:
         if rs:
             tok = statistics.median(r[0] for r in rs)
             rss = statistics.median(r[1] for r in rs)
-            print(f"  {name:<8} {tok:>8,.0f} tok/s  peak RSS {rss:>7,.0f} MB  ({len(rs)} runs)")
+            faults = statistics.median(r[2] for r in rs)
+            print(
+                f"  {name:<10} {tok:>8,.0f} tok/s  peak RSS {rss:>7,.0f} MB  "
+                f"{faults:>10,.0f} page faults  ({len(rs)} runs)"
+            )
 
 
 if __name__ == "__main__":

@@ -123,11 +123,12 @@ class TrainConfig:
     """Autocast precision: ``auto`` is bf16 on a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
-    cpu_memory: Literal["fast", "lean"] = "fast"
-    """CPU runs with glibc: ``lean`` fixes malloc's mmap threshold so that freed activation
-    memory goes back to the system at once (peak resident memory about 0.6x on SFT) at the cost
-    of a page fault per page of every large tensor (steps about 1.6x slower on SFT, 1.8x on
-    GRPO; bench/IDEAS.md); ``fast`` leaves malloc alone."""
+    cpu_memory: Literal["fast", "lean", "system"] = "fast"
+    """CPU runs with glibc (``training/memory.py``): ``fast`` keeps freed activation memory in
+    malloc's heap for the next step (no page faults after the first step: 1.1x faster SFT on
+    short examples, 1.6x at a 150k vocabulary; bench/IDEAS.md); ``lean`` hands it back to the
+    system at once (peak resident memory about 0.6x on SFT, steps about 1.6x slower);
+    ``system`` leaves malloc's own defaults."""
     seed: int = 0
     """Seed for weights of new parameters, data order and dropout."""
     eval_every: int | None = None

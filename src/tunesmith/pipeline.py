@@ -48,7 +48,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
-from tunesmith.training.memory import release_freed_memory
+from tunesmith.training.memory import set_cpu_malloc
 from tunesmith.training.precision import settle_precision
 
 
@@ -224,7 +224,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
         task.prepare(cfg)
     out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
     device = local_device(pick_device(cfg.train.device))
-    release_freed_memory(device, cfg.train.cpu_memory == "lean")
+    set_cpu_malloc(device, cfg.train.cpu_memory)
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     settle_precision(cfg.train, device, model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)

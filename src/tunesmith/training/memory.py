@@ -1,18 +1,30 @@
-"""Peak host memory on CPU: hand freed activation memory back to the system at once.
+"""How glibc's ``malloc`` serves a CPU run's activations: fast (reuse) or lean (return at once).
 
-glibc's ``malloc`` serves a block of at least ``M_MMAP_THRESHOLD`` bytes with its own ``mmap``
-and returns it to the system on ``free``; smaller blocks come from the heap, whose freed middle
-cannot be returned. By default the threshold is *dynamic*: each freed mmapped block raises it to
-that block's size (up to 32 MB), so after the first training step nearly every activation tensor
-lives on the heap, and the heap's high-water mark (fragmented by tensors of many sizes freed in
-another order than allocated) becomes the process's resident size. A fixed threshold keeps
-every large tensor in its own mapping, so the resident size follows the memory actually in use.
-Measured in bench/IDEAS.md: peak RSS down by about a third on CPU training, at the cost of a
-page fault (and the kernel zeroing the page) for every page of every large allocation: SFT steps
-about 1.6x slower, GRPO 1.8x (its system time alone went from 2 s to 17 s in 15 steps). So it is
-a setting (``train.cpu_memory: lean``) for runs that must fit in less memory, not the default.
-The setting is process-wide, so it is made only when asked for and training runs on CPU, and
-never when the user set ``MALLOC_MMAP_THRESHOLD_`` (glibc's own environment knob) themselves.
+Activation tensors are megabytes each and are freed and allocated again every step. glibc serves
+a block of at least ``M_MMAP_THRESHOLD`` bytes with its own ``mmap`` and unmaps it on ``free``;
+smaller blocks come from the heap, whose top is handed back to the system when more than
+``M_TRIM_THRESHOLD`` bytes there are free. Memory that goes back to the system comes back as
+fresh pages: a page fault, and the kernel zeroing the page, for every 4 KB touched. glibc's
+defaults are dynamic (the mmap threshold rises to the size of each freed mapped block, up to
+32 MB, and the trim threshold with it), so blocks above 32 MB (log-prob chunks at a 150k
+vocabulary are 64 MB) are always mapped anew, and the heap's top keeps being trimmed and
+refaulted.
+
+``train.cpu_memory`` (on CPU, with glibc; set before the model loads, for the whole process):
+
+- ``fast`` (default): mmap threshold 1 GiB and trim threshold 2 GiB - 1: freed activation memory
+  stays in the heap and the next step reuses it, so pages fault once, when the heap first
+  grows to its peak. Measured (``bench/IDEAS.md``, SFT + LoRA, 32 examples, bf16): short
+  workload loop 6.3 -> 5.8 s, peak RSS 1.61 -> 1.55 GB; vocab150k 5.6 -> 3.4 s at 1.12 -> 1.17
+  GB; DPO short 9.8 -> 9.2 s at the same peak. Page faults per run 0.52 M -> 0.37 M (short),
+  2.3 M -> 0.25 M (vocab150k).
+- ``lean``: mmap threshold 64 KB: every large tensor in its own mapping, returned on ``free``,
+  so the resident size follows live memory (peak about 0.6x on SFT), at a page fault per page
+  of every large tensor (steps about 1.6x slower on SFT, 1.8x on GRPO).
+- ``system``: leave glibc's own behaviour.
+
+Nothing is set when the user set glibc's own knobs (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, or malloc tunables in ``GLIBC_TUNABLES``): theirs stand.
 """
 
 from __future__ import annotations
@@ -23,21 +35,31 @@ import os
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
-THRESHOLD = 64 * 1024
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
+SETTINGS: dict[str, dict[int, int]] = {
+    "fast": {M_MMAP_THRESHOLD: 2**30, M_TRIM_THRESHOLD: 2**31 - 1},
+    "lean": {M_MMAP_THRESHOLD: 64 * 1024},
+    "system": {},
+}
+USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def release_freed_memory(device: torch.device, wanted: bool) -> bool:
-    """When ``wanted`` (``train.cpu_memory: lean``), on CPU with glibc, fix malloc's mmap
-    threshold (see the module doc); True if it was set."""
-    if not wanted or device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+def user_set_malloc(env: dict[str, str]) -> bool:
+    """Whether the environment already tunes glibc's malloc thresholds."""
+    return any(k in env for k in USER_KNOBS) or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
+
+
+def set_cpu_malloc(device: torch.device, mode: str) -> bool:
+    """Apply ``train.cpu_memory`` = ``mode`` (see the module doc) when training runs on CPU with
+    glibc and the user has not tuned malloc themselves; True if anything was set."""
+    wanted = SETTINGS[mode]
+    if not wanted or device.type != "cpu" or user_set_malloc(dict(os.environ)):
         return False
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+    return all([bool(mallopt(param, value)) for param, value in wanted.items()])
