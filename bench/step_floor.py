@@ -58,7 +58,10 @@ def main() -> None:
     from tunesmith.data.batching import Batch
     from tunesmith.methods import build_method, method_config
     from tunesmith.objectives.sft import SFTObjective
+    from tunesmith.training.memory import set_cpu_malloc
     from tunesmith.training.precision import autocast, resolve_precision
+
+    set_cpu_malloc(torch.device("cpu"), "fast")  # as a tunesmith run does (training/memory.py)
 
     w = WORKLOADS[a.workload]
     rows, length = a.batch or w.batch, a.length
@@ -129,7 +132,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = best(step, repeat=4)
+    seconds = best(step, repeat=6)
     floor = linear + attention + head
     print(
         f"== {a.workload}, {a.method}, {rows} rows x {length} tokens, precision {precision}\n"
