@@ -32,6 +32,16 @@ SETTINGS = {  # name: (train.cpu_memory, extra environment)
     "lean": ("lean", {}),
     "system": ("system", {}),
     "system+THP": ("system", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+    # variants of fast, set with glibc's own environment knobs (tunesmith then sets nothing)
+    "mmap1G": ("fast", {"MALLOC_MMAP_THRESHOLD_": str(2**30)}),
+    "mmap64M+trim": (
+        "fast",
+        {"MALLOC_MMAP_THRESHOLD_": str(2**26), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)},
+    ),
+    "mmap128M+trim": (
+        "fast",
+        {"MALLOC_MMAP_THRESHOLD_": str(2**27), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)},
+    ),
 }
 
 

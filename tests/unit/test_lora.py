@@ -176,3 +176,22 @@ def test_lora_dropout_reaches_only_the_update():
     dropped = torch.nn.functional.dropout(x, 0.5)
     a, b = layer.lora_A.weight, layer.lora_B.weight
     torch.testing.assert_close(y, base(x) + dropped @ a.t() @ b.t() * 0.5)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama):
+    """``train.gradient_checkpointing`` recomputes each layer (the fused LoRA node included)
+    in the backward pass: same loss and LoRA gradients as storing the activations."""
+    x = ids()
+    grads = []
+    for checkpointing in (False, True):
+        model, method = lora(load(llama).train(), rank=4)
+        randomise(method)
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model(x, labels=x).loss.backward()
+        grads.append([p.grad for _, p in method.trainable_parameters()])
+    assert all(g is not None for g in grads[1])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
