@@ -43,19 +43,18 @@ class Panel:
 
 
 def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]; a
+    range too narrow to tell apart (a constant series) is widened around its value."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return []
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1e-300):
+        pad = abs(lo) * 0.5 or 1.0
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(n - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(lo / step) * step
-    out = [round(first, 12)]
-    while out[-1] < hi - step * 1e-9:
-        out.append(round(first + len(out) * step, 12))
-    return out
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [float(f"{k * step:.12g}") for k in range(first, last + 1)]
 
 
 def _num(v: float) -> str:
@@ -67,7 +66,7 @@ def _text(
 ) -> str:
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}"{extra}>'
-        f"{escape(s)}</text>"
+        f"{escape(''.join(c for c in s if c >= ' '))}</text>"  # XML allows no control characters
     )
 
 
@@ -77,7 +76,8 @@ def _panel(p: Panel, ox: float, oy: float) -> list[str]:
     w = PANEL_W - MARGIN["left"] - MARGIN["right"]
     h = PANEL_H - MARGIN["top"] - MARGIN["bottom"]
     out = [_text(ox + PANEL_W / 2, oy + 18, p.title, 12, extra=' font-weight="bold"')]
-    values = list(p.bars.values()) + [y for ln in p.lines for y in ln.ys if math.isfinite(y)]
+    bars = {k: v for k, v in p.bars.items() if math.isfinite(v)}  # a diverged run has no bar
+    values = list(bars.values()) + [y for ln in p.lines for y in ln.ys if math.isfinite(y)]
     if not values:
         return out
     ylo, yhi = min(values), max(values)
@@ -89,7 +89,7 @@ def _panel(p: Panel, ox: float, oy: float) -> list[str]:
         n = len(p.bars)
         xlo, xhi, xt = 0.0, float(n), []
     else:
-        xs = [x for ln in p.lines for x in ln.xs]
+        xs = [x for ln in p.lines for x, y in zip(ln.xs, ln.ys) if math.isfinite(y)]
         xlo, xhi = min(xs), max(xs)
         xt = ticks(xlo, xhi)
         xlo, xhi = min(xlo, xt[0]), max(xhi, xt[-1])
@@ -111,6 +111,10 @@ def _panel(p: Panel, ox: float, oy: float) -> list[str]:
         out.append(_text(px(v), top + h + 15, _num(v), 10))
     out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>')
     for i, (name, value) in enumerate(p.bars.items()):
+        if name not in bars:
+            out.append(_text(px(i + 0.5), py(0.0) - 4, "n/a", 10))
+            out.append(_text(px(i + 0.5), top + h + 15, name, 10))
+            continue
         y0, y1 = sorted((py(0.0), py(value)))
         out.append(
             f'<rect x="{px(i + 0.15):.1f}" y="{y0:.1f}" width="{0.7 * sx:.1f}" '

@@ -9,13 +9,26 @@ from tunesmith.training.logging import plot_loss
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.mark.parametrize(("lo", "hi"), [(0, 1), (2.31, 7.9), (-3, 250), (1e-4, 3e-4), (5, 5)])
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [
+        (0, 1),
+        (2.31, 7.9),
+        (-3, 250),
+        (1e-4, 3e-4),
+        (5, 5),
+        (0, 0),
+        (1.0, 1 + 2e-16),
+        (1e-13, 1e-13),
+        (0, 1e-17),
+    ],
+)
 def test_ticks_are_round_evenly_spaced_and_cover_the_range(lo, hi):
     t = ticks(lo, hi)
     assert 2 <= len(t) <= 12 and t[0] <= lo and t[-1] >= hi
-    steps = {round(b - a, 10) for a, b in zip(t, t[1:])}
-    assert len(steps) == 1
-    step = steps.pop()
+    steps = [b - a for a, b in zip(t, t[1:])]
+    step = steps[0]
+    assert step > 0 and all(math.isclose(s, step, rel_tol=1e-6) for s in steps)
     mantissa = step / 10 ** math.floor(math.log10(step))
     assert any(math.isclose(mantissa, m) for m in (1, 2, 5))
 
@@ -44,3 +57,17 @@ def test_bars_and_grid_of_panels(tmp_path):
         float(r.get("height")) for r in root.findall(f"{SVG}rect")[1:] if r.get("fill") != "none"
     ]
     assert heights[0] > heights[1] > 0  # 0.9 drawn taller than 0.8
+
+
+def test_a_diverged_run_gets_no_bar_and_the_chart_still_draws(tmp_path):
+    panels = [Panel("eval loss", bars={"full": 0.4, "lora": float("nan"), "prompt": float("inf")})]
+    root = ET.parse(write_svg(tmp_path / "c.svg", panels)).getroot()
+    drawn = [r for r in root.findall(f"{SVG}rect") if r.get("fill") not in ("none", "white")]
+    assert len(drawn) == 1
+    assert [t.text for t in root.iter(f"{SVG}text")].count("n/a") == 2
+
+
+def test_control_characters_are_left_out_of_the_svg(tmp_path):
+    path = tmp_path / "loss.svg"
+    plot_loss([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], path, title="run\x01\x1b[31m")
+    assert "run[31m" in [t.text for t in ET.parse(path).getroot().iter(f"{SVG}text")]

@@ -155,6 +155,7 @@ def test_fused_lora_under_bf16_autocast_keeps_adapter_grads_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = layer(x)
         assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert "FusedLoRA" in y.grad_fn.next_functions[0][0].name()  # the fused node ran
         y.float().square().sum().backward()
         grads[bf16] = [layer.lora_A.weight.grad, layer.lora_B.weight.grad]
     for ref, low in zip(grads[False], grads[True]):
@@ -163,19 +164,32 @@ def test_fused_lora_under_bf16_autocast_keeps_adapter_grads_fp32():
 
 
 def test_lora_dropout_reaches_only_the_update():
-    """With dropout the base product sees x and the update sees dropout(x), drawn once."""
+    """With dropout the base product sees x and the update sees dropout(x), drawn once, in the
+    output and in every gradient; in eval mode there is no dropout."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 8, bias=False)
     base.requires_grad_(False)
     layer = LoRALinear(base, rank=4, scaling=0.5, dropout=0.5).train()
     torch.nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(2, 3, 16)
-    torch.manual_seed(1)
-    y = layer(x)
-    torch.manual_seed(1)
-    dropped = torch.nn.functional.dropout(x, 0.5)
     a, b = layer.lora_A.weight, layer.lora_B.weight
-    torch.testing.assert_close(y, base(x) + dropped @ a.t() @ b.t() * 0.5)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    upstream = torch.randn(2, 3, 8)
+    got = []
+    for fused in (True, False):
+        x.grad = a.grad = b.grad = None
+        torch.manual_seed(1)
+        if fused:
+            y = layer(x)
+            assert "FusedLoRA" in y.grad_fn.next_functions[0][0].name()
+        else:
+            y = base(x) + torch.nn.functional.dropout(x, 0.5) @ a.t() @ b.t() * 0.5
+        y.backward(upstream)
+        got.append((y.detach(), x.grad, a.grad, b.grad))
+    for fused, ref in zip(*got):
+        torch.testing.assert_close(fused, ref)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + x @ a.t() @ b.t() * 0.5)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama):
@@ -195,3 +209,33 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama):
     assert all(g is not None for g in grads[1])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_output_can_be_changed_in_place():
+    """Models modify projections in place (activations, rotary, scaling): the fused node's
+    output must allow it, as a plain linear layer's does."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    base.requires_grad_(False)
+    layer = LoRALinear(base, rank=2, scaling=1.0, dropout=0.0)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = layer(x)
+    y.view(2, 3, 2, 3).transpose(1, 2).mul_(2).relu_()
+    y.sum().backward()
+    assert x.grad is not None and layer.lora_B.weight.grad is not None
+
+
+def test_low_precision_base_without_autocast_keeps_the_adapter_in_fp32():
+    """Over a bf16 base with no autocast (model.dtype: bfloat16, precision: fp32) the update is
+    computed from the adapter's float32 weights, as the module-by-module path always did."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    base.requires_grad_(False)
+    layer = LoRALinear(base, rank=4, scaling=2.0, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and "FusedLoRA" not in str(y.grad_fn)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    update = (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
+    torch.testing.assert_close(y, base(x) + update)

@@ -49,29 +49,28 @@ class FusedLoRA(torch.autograd.Function):
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        xl = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = x.to(dtype)  # (N, d_in): callers pass 2-D rows
+        xl = x2 if x_lora is None else x_lora.to(dtype)
         w, a = weight.to(dtype), lora_a.to(dtype)
         sb = (lora_b * scaling).to(dtype)
         h = xl @ a.t()
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         y.addmm_(h, sb.t())
         ctx.save_for_backward(xl, h, w, a, sb)
-        ctx.scaling, ctx.in_shape, ctx.separate = scaling, x.shape, x_lora is not None
-        return y.view(*lead, y.shape[-1])
+        ctx.scaling, ctx.separate = scaling, x_lora is not None
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xl, h, w, a, sb = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        g = grad.to(w.dtype)
         gh = g @ sb  # (N, r): the gradient at h
         dx = dx_lora = None
         if ctx.separate:
-            dx_lora = (gh @ a).view(ctx.in_shape) if ctx.needs_input_grad[1] else None
-            dx = (g @ w).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
+            dx_lora = gh @ a if ctx.needs_input_grad[1] else None
+            dx = g @ w if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:
-            dx = torch.addmm(gh @ a, g, w).view(ctx.in_shape)
+            dx = torch.addmm(gh @ a, g, w)
         da = gh.t() @ xl if ctx.needs_input_grad[4] else None
         db = (g.t() @ h) * ctx.scaling if ctx.needs_input_grad[5] else None
         return dx, dx_lora, None, None, da, db, None, None
@@ -87,9 +86,13 @@ def fused_lora(
     scaling: float,
 ) -> torch.Tensor:
     """``x W^T + b + s (x_lora A^T) B^T`` (``x_lora`` None: ``x``) as one autograd node, in the
-    autocast dtype when autocast is on, else in ``weight``'s dtype."""
+    autocast dtype when autocast is on, else in ``weight``'s dtype. The node works on 2-D rows and
+    the result is reshaped outside it, so in-place operations on the output stay allowed."""
     device = x.device.type
     on = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if on else weight.dtype
+    rows = x.reshape(-1, x.shape[-1])
+    rows_lora = None if x_lora is None else x_lora.reshape(-1, x.shape[-1])
     with torch.autocast(device, enabled=False):
-        return FusedLoRA.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling, dtype)
+        y = FusedLoRA.apply(rows, rows_lora, weight, bias, lora_a, lora_b, scaling, dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])

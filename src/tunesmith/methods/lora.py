@@ -103,22 +103,23 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if not self.enabled:
             return base(x)
-        dropped = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-        if type(base) is nn.Linear and not any(p.requires_grad for p in base.parameters()):
+        dropped = (
+            None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+        )
+        a = self.lora_A.weight
+        frozen = type(base) is nn.Linear and not any(p.requires_grad for p in base.parameters())
+        # The fused node computes in the autocast dtype, or else in the base's dtype: over a
+        # bf16/fp16 base without autocast the adapter must stay in its own float32.
+        if frozen and (torch.is_autocast_enabled(x.device.type) or base.weight.dtype == a.dtype):
             return fused_lora(
-                x,
-                dropped,
-                base.weight,
-                base.bias,
-                self.lora_A.weight,
-                self.lora_B.weight,
-                self.scaling,
+                x, dropped, base.weight, base.bias, a, self.lora_B.weight, self.scaling
             )
-        # Over another wrapper (several adapters on one base) or a base that trains: module by module.
+        # Over another wrapper (several adapters on one base), a base that trains, or a low-precision
+        # base without autocast: module by module.
         y = base(x)
         lora_in = x if dropped is None else dropped
         if not torch.is_autocast_enabled(x.device.type):
-            lora_in = lora_in.to(self.lora_A.weight.dtype)
+            lora_in = lora_in.to(a.dtype)
         update = self.lora_B(self.lora_A(lora_in))  # (..., d_out)
         return y + (update * self.scaling).to(y.dtype)
 

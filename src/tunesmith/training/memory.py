@@ -30,16 +30,19 @@ Nothing is set when the user set glibc's own knobs (``MALLOC_MMAP_THRESHOLD_``,
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+from collections.abc import Callable
 
 import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
-SETTINGS: dict[str, dict[int, int]] = {
-    "fast": {M_MMAP_THRESHOLD: 2**30, M_TRIM_THRESHOLD: 2**31 - 1},
-    "lean": {M_MMAP_THRESHOLD: 64 * 1024},
-    "system": {},
+SETTINGS: dict[str, list[tuple[int, tuple[int, ...]]]] = {
+    # (parameter, values to try in turn): glibc before 2.3x refuses an mmap threshold above
+    # 32 MiB, and a refused threshold must not leave the trim setting alone (setting either turns
+    # glibc's dynamic threshold off, which would pin the mmap threshold at 128 KB).
+    "fast": [(M_MMAP_THRESHOLD, (2**30, 2**25)), (M_TRIM_THRESHOLD, (2**31 - 1,))],
+    "lean": [(M_MMAP_THRESHOLD, (64 * 1024,))],
+    "system": [],
 }
 USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
@@ -49,17 +52,26 @@ def user_set_malloc(env: dict[str, str]) -> bool:
     return any(k in env for k in USER_KNOBS) or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on GNU libc (whose ``mallopt`` the settings are for)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):  # not a GNU system
+        return False
+
+
 def set_cpu_malloc(device: torch.device, mode: str) -> bool:
     """Apply ``train.cpu_memory`` = ``mode`` (see the module doc) when training runs on CPU with
-    glibc and the user has not tuned malloc themselves; True if anything was set."""
+    glibc and the user has not tuned malloc themselves; True if it was set."""
     wanted = SETTINGS[mode]
-    if not wanted or device.type != "cpu" or user_set_malloc(dict(os.environ)):
+    if not wanted or device.type != "cpu" or user_set_malloc(dict(os.environ)) or not is_glibc():
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        return False
-    return all([bool(mallopt(param, value)) for param, value in wanted.items()])
+    return apply_settings(ctypes.CDLL(None).mallopt, wanted)  # glibc's, in the process's symbols
+
+
+def apply_settings(
+    mallopt: Callable[[int, int], int], wanted: list[tuple[int, tuple[int, ...]]]
+) -> bool:
+    """Set each (parameter, values) in turn, trying its values until ``mallopt`` accepts one;
+    stop at the first parameter refused (the rest stay as glibc has them). True if all were set."""
+    return all(any(mallopt(param, value) for value in values) for param, values in wanted)
