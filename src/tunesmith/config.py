@@ -123,6 +123,9 @@ class TrainConfig:
     """Autocast precision: ``auto`` is bf16 on a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer (``training/compile.py``): the first steps spend tens
+    of seconds compiling; on CPU it paid back after ~200 steps (1.11x per step, bench/IDEAS.md)."""
     cpu_memory: Literal["fast", "lean", "system"] = "fast"
     """CPU runs with glibc (``training/memory.py``): ``fast`` keeps freed activation memory in
     malloc's heap for the next step (no page faults after the first step: 1.1x faster SFT on

@@ -33,6 +33,7 @@ from tunesmith.data.batching import Batch, Batches, BatchSource
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods.base import Method
 from tunesmith.training.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from tunesmith.training.compile import compile_layers
 from tunesmith.training.distributed import Parallel, all_max, all_sum, current, raise_agreed
 from tunesmith.training.guard import Interrupted, NanGuard, SignalGuard
 from tunesmith.training.logging import MetricsLog, progress
@@ -265,6 +266,9 @@ def train_loop(
                 f"(train.batch_size x train.grad_accum x processes)"
             )
         )
+    if cfg.compile:  # after wrapping: FSDP2 shards each layer first
+        n = compile_layers(model)
+        say(f"train.compile: {n} modules go through torch.compile (the first steps compile them)")
     # Built after wrapping: FSDP2 replaces the parameters by sharded ones.
     params = [p for _, p in method.trainable_parameters()]
     opt = build_optimizer(method.trainable_parameters(), cfg, device)
