@@ -578,3 +578,20 @@ def test_rl_save_on_two_resume_on_one_or_two(llama, pc_data, rl_reward, tmp_path
         else:
             assert launch(again, resume=True, patch=rl_reward) == {0: "ok", 1: "ok"}
         assert_same_rl(whole, out)
+
+
+def test_compiled_layers_under_ddp_equal_one_eager_process(llama, pc_data, tmp_path):
+    """``train.compile`` compiles each rank's layers after DDP wraps the model (about 50 s)."""
+    cfg = config(llama, pc_data, tmp_path / "ddp", strategy="ddp", compile=True)
+    assert launch(cfg) == {0: "ok", 1: "ok"}
+    tunesmith.train(config(llama, pc_data, tmp_path / "one", batch_size=4))
+    assert_same(tmp_path / "one", tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_fsdp_equal_one_eager_process(llama, pc_data, tmp_path):
+    """... and after FSDP2 has sharded each layer."""
+    cfg = config(llama, pc_data, tmp_path / "fsdp", strategy="fsdp", compile=True)
+    assert launch(cfg) == {0: "ok", 1: "ok"}
+    tunesmith.train(config(llama, pc_data, tmp_path / "one", batch_size=4))
+    assert_same(tmp_path / "one", tmp_path / "fsdp")
