@@ -19,6 +19,7 @@ pair and their median is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -249,8 +250,14 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
         + "; ".join(f"{k}: {v.about}" for k, v in WORKLOADS.items()),
     )
     p.add_argument("--repeat", type=int, default=2, help="alternating pairs per comparison")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="examples (DPO: pairs) per optimiser step, instead of the workload's own",
+    )
     p.add_argument("--only", default=None, help="comma-separated comparison names to run")
-    for hidden in ("--child", "--model", "--data", "--out", "--child-workload"):
+    for hidden in ("--child", "--model", "--data", "--out", "--child-workload", "--child-batch"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -259,7 +266,7 @@ Runner = Callable[[str, str, str, Workload], dict]
 
 
 def run_child(
-    name: str, model: Path, data: Path, out: Path, workload: str
+    name: str, model: Path, data: Path, out: Path, workload: str, batch: int | None = None
 ) -> dict[str, Any] | None:
     """One configuration as a process of its own: its wall time and peak RSS measured from
     outside, its loop time, loss and steps as it reports them."""
@@ -276,6 +283,7 @@ def run_child(
         str(data),
         "--out",
         str(out),
+        *(["--child-batch", str(batch)] if batch else []),
     ]
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +328,8 @@ def main(
     a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
     if a.child:
         w = WORKLOADS[a.child_workload]
+        if a.child_batch:
+            w = dataclasses.replace(w, batch=int(a.child_batch), dpo_batch=int(a.child_batch))
         print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out, w)), flush=True)
         return
     import torch
@@ -332,6 +342,8 @@ def main(
     cache = Path(tempfile.gettempdir()) / "tunesmith-bench-models"
     for wname in names:
         w = WORKLOADS[wname]
+        if a.batch:
+            w = dataclasses.replace(w, batch=a.batch, dpo_batch=a.batch)
         root = Path(tempfile.mkdtemp(prefix=f"tunesmith-bench-{wname}-"))
         model = make_model(cache / wname, w)
         data = make_data(root, a.examples, w)
@@ -354,6 +366,7 @@ def main(
                         data,
                         root / f"{cname}-{rep}-{len(got[name])}-{'a' if name == ours else 'b'}",
                         wname,
+                        a.batch,
                     )
                     if r is not None:
                         r["tok_s"] = tokens / r["seconds"]
