@@ -257,7 +257,7 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
         help="examples (DPO: pairs) per optimiser step, instead of the workload's own",
     )
     p.add_argument("--only", default=None, help="comma-separated comparison names to run")
-    for hidden in ("--child", "--model", "--data", "--out", "--child-workload", "--child-batch"):
+    for hidden in ("--child", "--model", "--data", "--out", "--child-workload"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -283,7 +283,7 @@ def run_child(
         str(data),
         "--out",
         str(out),
-        *(["--child-batch", str(batch)] if batch else []),
+        *(["--batch", str(batch)] if batch else []),
     ]
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,10 +326,14 @@ def main(
     alternately ``--repeat`` times on each workload asked for, and print medians and
     pair-by-pair ratios."""
     a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
+
+    def workload(name: str) -> Workload:
+        """The named workload, with ``--batch`` examples (or pairs) per step when given."""
+        w = WORKLOADS[name]
+        return dataclasses.replace(w, batch=a.batch, dpo_batch=a.batch) if a.batch else w
+
     if a.child:
-        w = WORKLOADS[a.child_workload]
-        if a.child_batch:
-            w = dataclasses.replace(w, batch=int(a.child_batch), dpo_batch=int(a.child_batch))
+        w = workload(a.child_workload)
         print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out, w)), flush=True)
         return
     import torch
@@ -341,9 +345,7 @@ def main(
     device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     cache = Path(tempfile.gettempdir()) / "tunesmith-bench-models"
     for wname in names:
-        w = WORKLOADS[wname]
-        if a.batch:
-            w = dataclasses.replace(w, batch=a.batch, dpo_batch=a.batch)
+        w = workload(wname)
         root = Path(tempfile.mkdtemp(prefix=f"tunesmith-bench-{wname}-"))
         model = make_model(cache / wname, w)
         data = make_data(root, a.examples, w)

@@ -1,9 +1,8 @@
 """Charts for run reports as SVG, written directly (no plotting library).
 
-A run's loss curve, RL metrics and a comparison's bars are a few hundred points and lines; a
-plotting library costs about a second of import and rendering at the end of every run (0.97 s of
-a 10 s run, measured with cProfile on the short bench workload), longer than the chart is
-worth. SVG is text: it renders in browsers, on GitHub and in Markdown viewers, and scales.
+A run's loss curve, RL metrics and a comparison's bars are a few hundred points and lines; with
+matplotlib, importing it and rendering the loss curve took 0.36-0.42 s at the end of every run
+(timed alone in a fresh process; 0.97 s under cProfile), against 5 ms here. SVG is text: it renders in browsers, on GitHub and in Markdown viewers, and scales.
 """
 
 from __future__ import annotations
