@@ -240,7 +240,7 @@ def test_virtual_token_methods_refuse_packing(llama, pc_data, tmp_path):
     }
 
 
-def test_compiled_layers_train_as_eager(llama, pc_data, tmp_path):
+def test_compiled_layers_train_as_eager(llama, pc_data, tmp_path, capfd):
     """``train.compile`` runs the decoder layers through torch.compile (fused LoRA included):
     the same losses and adapter as eager, to float tolerance. About 30 s of compiling on 2 cores."""
     runs = {}
@@ -248,6 +248,8 @@ def test_compiled_layers_train_as_eager(llama, pc_data, tmp_path):
         raw = base_config(llama, pc_data, tmp_path / str(compiled), max_steps=3, compile=compiled)
         raw["data"]["eval"] = None
         runs[compiled] = tunesmith.train(raw)
+        said = capfd.readouterr().err
+        assert ("train.compile: 2 modules go through torch.compile" in said) == compiled
     losses = [
         [
             json.loads(line)["loss"]
