@@ -265,6 +265,18 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
 Runner = Callable[[str, str, str, Workload], dict]
 
 
+def child_env(name: str) -> dict[str, str]:
+    """A child's environment: tunesmith's runs start as its CLI starts a training command (with
+    tcmalloc preloaded where the system has it, ``train.cpu_memory: fast``); the peer's as a
+    user starts it."""
+    from tunesmith.training.memory import allocator_env, caching_allocator
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if name.startswith("tunesmith"):
+        env = allocator_env(env, "fast", caching_allocator()) or env
+    return env
+
+
 def run_child(
     name: str, model: Path, data: Path, out: Path, workload: str, batch: int | None = None
 ) -> dict[str, Any] | None:
@@ -293,7 +305,7 @@ def run_child(
             cmd,
             stdout=f,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            env=child_env(name),
         )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -354,7 +366,8 @@ def main(
         flops_per_token, peak = 6 * n_params(model), peak_flops()
         print(
             f"\n== workload {wname}: {w.about}\n   {a.examples} {describe(w)}; {tokens:,} real tokens;"
-            f" vocabulary rows {cfg['vocab_size']:,}; device {device}; OMP_NUM_THREADS={threads}",
+            f" vocabulary rows {cfg['vocab_size']:,}; device {device}; OMP_NUM_THREADS={threads};"
+            f" tunesmith preloads {child_env('tunesmith').get('TUNESMITH_PRELOADED') or 'nothing'}",
             flush=True,
         )
         for cname, (ours, peer) in chosen.items():

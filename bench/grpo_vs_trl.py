@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_model, parse_args, peak_mb, sentence, words  # noqa: E402
+from common import child_env, make_model, parse_args, peak_mb, sentence, words  # noqa: E402
 
 PROMPTS, GROUP, COMPLETION, LR, RANK, ALPHA = 4, 8, 32, 1e-5, 16, 32
 
@@ -167,8 +167,7 @@ def main() -> None:
     for k, name in enumerate(RUNS):
         cmd = [sys.executable, sys.argv[0], "--child", name, "--steps", str(a.steps)]
         cmd += ["--model", str(model), "--data", str(data), "--out", str(root / f"run{k}")]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(name))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"  {name}: failed\n{proc.stderr[-3000:]}", flush=True)

@@ -1,12 +1,16 @@
-"""glibc's malloc on CPU (``train.cpu_memory``): training-loop speed against peak resident memory.
+"""The CPU allocator (``train.cpu_memory``): training-loop speed against peak resident memory.
 
-``train.cpu_memory`` (``training/memory.py``) is ``fast`` (default: mmap threshold 1 GiB, trim
+``train.cpu_memory`` (``training/memory.py``) is ``fast`` (default: where the system has
+tcmalloc, the CLI restarts itself with it preloaded; else glibc with mmap threshold 1 GiB and trim
 threshold 2 GiB - 1, so freed activation memory is reused from the heap), ``lean`` (mmap
 threshold 64 KB: memory goes back to the system on ``free``, a page fault per page of every
 large tensor) or ``system`` (glibc's dynamic defaults). This script runs the same short tunesmith
 SFT (LoRA or full) once per setting, each a process of its own, alternating settings over
 ``--repeat`` rounds, and prints the median loop tokens/s, peak RSS and minor page faults of
-each. ``system+THP`` adds transparent huge pages for malloc's mappings
+each. ``fast`` starts its process as the CLI does (with tcmalloc where there is one);
+``fast-glibc`` is ``fast`` without it (what the Python API or a system without tcmalloc gets);
+``jemalloc`` preloads jemalloc with its page return turned off, for comparison.
+``system+THP`` adds transparent huge pages for malloc's mappings
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc >= 2.35).
 
     OMP_NUM_THREADS=2 python bench/malloc_threshold.py --workload short --steps 6 --repeat 2
@@ -15,6 +19,7 @@ each. ``system+THP`` adds transparent huge pages for malloc's mappings
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import statistics
@@ -27,8 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import WORKLOADS, make_model  # noqa: E402
 from sft_vs_trl import make_data  # noqa: E402
 
+from tunesmith.training.memory import PRELOADED, allocator_env, caching_allocator  # noqa: E402
+
+JEMALLOC = ctypes.util.find_library("jemalloc")
 SETTINGS = {  # name: (train.cpu_memory, extra environment)
-    "fast": ("fast", {}),
+    "fast": ("fast", {}),  # + the CLI's restart environment, below
+    "fast-glibc": ("fast", {}),
+    "jemalloc": (
+        "system",
+        {"LD_PRELOAD": JEMALLOC or "", "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+    ),
     "lean": ("lean", {}),
     "system": ("system", {}),
     "system+THP": ("system", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
@@ -85,14 +98,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tunesmith-malloc-"))
     model = make_model(Path(tempfile.gettempdir()) / "tunesmith-bench-models" / a.workload, w)
     data = make_data(root, a.steps * w.batch, w)
-    names = a.only.split(",") if a.only else list(SETTINGS)
+    names = a.only.split(",") if a.only else [n for n in SETTINGS if n != "jemalloc" or JEMALLOC]
+    print(f"fast preloads: {caching_allocator() or 'nothing (no tcmalloc here)'}", flush=True)
     got: dict[str, list[tuple[float, float, int]]] = {n: [] for n in names}
     for rep in range(a.repeat):
         for name in names if rep % 2 == 0 else names[::-1]:
             memory, extra = SETTINGS[name]
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-            env.pop("GLIBC_TUNABLES", None)
+            for knob in ("GLIBC_TUNABLES", "LD_PRELOAD", PRELOADED):
+                env.pop(knob, None)
             env.update(extra)
+            if name == "fast":  # as the CLI starts it
+                env = allocator_env(env, memory, caching_allocator()) or env
             out = root / f"{name}-{rep}"
             cmd = [sys.executable, __file__, "--workload", a.workload, "--method", a.method]
             cmd += ["--steps", str(a.steps), "--child", str(model), str(data), str(out), memory]
@@ -106,7 +123,7 @@ def main() -> None:
             m = json.loads(line[7:])
             got[name].append((m["tokens_per_s"], usage.ru_maxrss / 1024, usage.ru_minflt))
             print(
-                f"  {name:<8} round {rep}: {m['tokens_per_s']:,.0f} tok/s, peak RSS "
+                f"  {name:<10} round {rep}: {m['tokens_per_s']:,.0f} tok/s, peak RSS "
                 f"{usage.ru_maxrss / 1024:,.0f} MB, {usage.ru_minflt:,} page faults",
                 flush=True,
             )

@@ -6,16 +6,33 @@ result = tunesmith.train("configs/sft_lora.yaml", ["train.lr=1e-4"])
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunesmith import tasks  # noqa: F401  (registers the tasks and their config sections)
-from tunesmith.builtin import tasks as builtin_tasks  # noqa: F401  (registers builtin: data)
-from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, DataError, TunesmithError
-from tunesmith.multi import MultiAdapter
-from tunesmith.pipeline import RunResult
+
+if TYPE_CHECKING:
+    from tunesmith.config import Config
+    from tunesmith.multi import MultiAdapter
+    from tunesmith.pipeline import RunResult
+
+# Imported on first use, so that ``import tunesmith`` (and the CLI's start) does not load torch
+# before it is needed: the CLI may first restart itself under another allocator.
+_LAZY = {
+    "Config": "tunesmith.config",
+    "load_config": "tunesmith.config",
+    "MultiAdapter": "tunesmith.multi",
+    "RunResult": "tunesmith.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
+
 
 __all__ = [
     "Config",
@@ -41,6 +58,7 @@ def train(
     steps, so that loading has no side effects); then ``run_training`` sets the task's run up,
     trains it with the task's loop and saves it.
     """
+    from tunesmith.config import load_config
     from tunesmith.pipeline import run_training
     from tunesmith.prepare import ensure_model
     from tunesmith.training import distributed

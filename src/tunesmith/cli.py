@@ -466,6 +466,33 @@ COMMANDS = {
 }
 
 
+TRAINING_COMMANDS = ("train", "compare", "quickstart")
+
+
+def _restart_under_caching_allocator(a: argparse.Namespace) -> None:
+    """Before a training command loads anything: restart this process once with tcmalloc
+    preloaded, where the system has it and ``train.cpu_memory`` is ``fast`` (the default; see
+    training/memory.py for why and what it measured). Returns if it does not restart."""
+    from tunesmith.training.memory import allocator_env, caching_allocator
+
+    if a.command not in TRAINING_COMMANDS:
+        return
+    mode = "fast"
+    if getattr(a, "config", None) is not None:
+        from tunesmith.config import read_config_data
+
+        try:
+            data = read_config_data(a.config, a.overrides)
+            mode = data.get("train", {}).get("cpu_memory", "fast")
+        except Exception:  # whatever is wrong, the command's own loading reports it
+            return
+    env = allocator_env(os.environ, mode, caching_allocator())
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "tunesmith", *sys.argv[1:]], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # Overrides may follow options (``data preview C -n 2 train.lr=1``): argparse leaves them over.
@@ -475,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv is None:  # the command line itself, not a call from Python
+        _restart_under_caching_allocator(args)
     try:
         COMMANDS[args.command](args)
     except Interrupted as e:  # SIGTERM / SIGINT: a checkpoint was written

@@ -376,6 +376,7 @@ def _check_train(t: TrainConfig) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate a plain dict (as read from YAML) into a :class:`Config`."""
+    import tunesmith.tasks  # noqa: F401  (registers every task's settings)
     from tunesmith.methods import method_config, method_names
 
     if not isinstance(data, dict):
@@ -481,6 +482,14 @@ def load_config(
         if not overrides:
             return source
         source = source.to_dict()
+    return config_from_dict(read_config_data(source, overrides))
+
+
+def read_config_data(
+    source: str | Path | dict[str, Any], overrides: typing.Sequence[str] = ()
+) -> Any:
+    """The plain data of a config (YAML path or dict) with dotted overrides applied, not yet
+    validated (cheap: no task or model code is imported)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
@@ -506,7 +515,7 @@ def load_config(
             raise ConfigError(f"{path}{line}: not valid YAML ({_yaml_problem(e)}).") from None
     else:
         data = copy.deepcopy(source)
-    return config_from_dict(apply_overrides(data, overrides))
+    return apply_overrides(data, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

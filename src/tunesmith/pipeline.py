@@ -48,7 +48,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
-from tunesmith.training.memory import set_cpu_malloc
+from tunesmith.training.memory import PRELOADED, set_cpu_malloc
 from tunesmith.training.precision import settle_precision
 
 
@@ -225,6 +225,8 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
     device = local_device(pick_device(cfg.train.device))
     set_cpu_malloc(device, cfg.train.cpu_memory)
+    if device.type == "cpu" and (library := os.environ.get(PRELOADED)):
+        say(f"cpu memory: {library} preloaded (train.cpu_memory: {cfg.train.cpu_memory})")
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     settle_precision(cfg.train, device, model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)

@@ -8,11 +8,16 @@ import pytest
 import torch
 
 import tunesmith
+from tunesmith import cli
+from tunesmith.training import memory
 from tunesmith.training.memory import (
     M_MMAP_THRESHOLD,
     M_TRIM_THRESHOLD,
+    PRELOADED,
     SETTINGS,
+    allocator_env,
     apply_settings,
+    caching_allocator,
     is_glibc,
     set_cpu_malloc,
     user_set_malloc,
@@ -75,3 +80,76 @@ def test_fast_falls_back_on_an_older_glibc_and_never_sets_trim_alone():
     calls.clear()
     assert not apply_settings(lambda p, v: calls.append((p, v)) or 0, SETTINGS["fast"])
     assert all(p == M_MMAP_THRESHOLD for p, _ in calls)
+
+
+def test_the_cli_restarts_under_tcmalloc_only_for_fast_and_only_once():
+    env = {"PATH": "/bin"}
+    got = allocator_env(env, "fast", "libtcmalloc_minimal.so.4")
+    assert got["LD_PRELOAD"] == got[PRELOADED] == "libtcmalloc_minimal.so.4"
+    assert got["PATH"] == "/bin" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" in got
+    assert allocator_env(env, "lean", "libtcmalloc_minimal.so.4") is None
+    assert allocator_env(env, "system", "libtcmalloc_minimal.so.4") is None
+    assert allocator_env(env, "fast", None) is None  # the system has none
+    assert allocator_env(got, "fast", "libtcmalloc_minimal.so.4") is None  # restarted already
+    for own in ({"LD_PRELOAD": "libjemalloc.so.2"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+        assert allocator_env({**env, **own}, "fast", "libtcmalloc_minimal.so.4") is None
+
+
+class Restarted(Exception):
+    pass
+
+
+def restart_args(monkeypatch, argv):
+    """What the CLI would exec for the command line ``argv`` (None if it would not restart)."""
+    calls = []
+
+    def execve(path, args, env):
+        calls.append((args, env))
+        raise Restarted
+
+    monkeypatch.setattr(memory, "caching_allocator", lambda: "libfake-malloc.so")
+    monkeypatch.setattr(cli.os, "execve", execve)
+    monkeypatch.setattr(sys, "argv", ["tunesmith", *argv])
+    for knob in ("LD_PRELOAD", PRELOADED, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    with pytest.raises(Restarted):
+        cli.main()
+    return calls[0]
+
+
+def test_cli_train_restarts_itself_with_the_allocator(monkeypatch, tmp_path):
+    """``tunesmith train`` re-executes itself, same arguments, with the library preloaded;
+    not with ``train.cpu_memory: system``, not for other commands, not when called from Python."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: builtin:tiny\ntrain:\n  epochs: 1\n")
+    args, env = restart_args(monkeypatch, ["train", str(cfg), "train.lr=1e-4"])
+    assert args[1:] == ["-m", "tunesmith", "train", str(cfg), "train.lr=1e-4"]
+    assert env["LD_PRELOAD"] == "libfake-malloc.so"
+    stopped = []
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda a: stopped.append(a.config))
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "train", str(cfg), "train.cpu_memory=system"])
+    assert cli.main() == 0 and stopped == [str(cfg)]  # ran in this process
+    cfg.write_text("train:\n  cpu_memory: lean\n")
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "train", str(cfg)])
+    assert cli.main() == 0 and len(stopped) == 2
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "train", str(cfg)])
+    cfg.write_text("model: builtin:tiny\n")
+    assert cli.main(["train", str(cfg)]) == 0 and len(stopped) == 3  # from Python: never
+
+
+@pytest.mark.skipif(caching_allocator() is None, reason="no tcmalloc on this system")
+def test_the_preloaded_allocator_is_the_one_in_use(tmp_path):
+    """Where the system has tcmalloc, a process started as the CLI restarts it is mapped in and
+    serves allocations (torch's included)."""
+    env = allocator_env(
+        {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", PRELOADED)},
+        "fast",
+        caching_allocator(),
+    )
+    code = (
+        "import torch; x = torch.ones(4096, 4096); "
+        "print(any('tcmalloc' in line for line in open('/proc/self/maps')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "True", out.stderr

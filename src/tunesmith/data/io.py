@@ -8,6 +8,7 @@ UTF-8 is reported with the line it is on.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -232,6 +233,8 @@ def _read_local(path: Path, skip: bool, report: ReadReport) -> list[Record] | No
 
 SOURCES: dict[str, Callable[[str], list[Record]]] = {}
 """Named data sources by prefix (``builtin:``), registered by the modules that provide them."""
+SOURCE_MODULES = ("tunesmith.builtin.tasks",)
+"""The modules that register sources, imported before the first lookup."""
 
 
 def register_source(prefix: str, reader: Callable[[str], list[Record]]) -> None:
@@ -247,6 +250,8 @@ def read_records(
     ``source`` is a local file, ``builtin:NAME[:SPLIT]`` or a hub dataset id.
     """
     report = ReadReport()
+    for module in SOURCE_MODULES:
+        importlib.import_module(module)
     for prefix, reader in SOURCES.items():
         if source.startswith(prefix):
             return reader(source), report

@@ -184,7 +184,8 @@ def _plain_swiglu(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """A probe input and what ``down(silu(gate(x)) * up(x))`` gives on it."""
     gate, up, down = (getattr(mlp, p) for p in PROJECTIONS)
     w = gate.weight
-    probe = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device)
+    rng = torch.Generator(w.device).manual_seed(0)  # the global generator stays untouched
+    probe = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device, generator=rng)
     with torch.no_grad():
         return probe, down(F.silu(gate(probe)) * up(probe))
 
