@@ -15,6 +15,7 @@ from torch import nn
 from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.fused_mlp import fuse_swiglu
 
 DTYPES = {
     "float32": torch.float32,
@@ -243,6 +244,7 @@ def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn
     for module in model.modules():
         if getattr(module, "tunesmith_head", False):
             module.requires_grad_(True)
+    fuse_swiglu(model)  # one autograd node per SwiGLU MLP, whatever the method made of it
     return model
 
 

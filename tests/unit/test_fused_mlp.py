@@ -1,4 +1,5 @@
-"""The one-node LoRA SwiGLU MLP (methods/fused_mlp.py) against the module-by-module MLP."""
+"""The one-node SwiGLU MLP (methods/fused_mlp.py) against the module-by-module MLP, with LoRA on
+its projections and plain (trainable or frozen)."""
 
 import pytest
 import torch
@@ -6,11 +7,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunesmith.methods import build_method, method_config
-from tunesmith.methods.fused_mlp import FusedSwiGLULoRA, fuse_swiglu, is_swiglu
+from tunesmith.methods.fused_mlp import FusedSwiGLU, fuse_swiglu, is_swiglu
 
 
-def lora_llama(mlp_bias=False, dtype=torch.float64, **kw):
-    """A two-layer Llama with LoRA on every linear layer and random (non-zero) B matrices."""
+def lora_llama(mlp_bias=False, dtype=torch.float64, method="lora", **kw):
+    """A two-layer Llama with LoRA on every linear layer and random (non-zero) B matrices (or
+    another method), its MLPs fused."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=64,
@@ -22,18 +24,21 @@ def lora_llama(mlp_bias=False, dtype=torch.float64, **kw):
         mlp_bias=mlp_bias,
     )
     model = LlamaForCausalLM(cfg)
-    method = build_method(method_config("lora", rank=4, alpha=8, **kw))
+    if method == "lora":
+        kw = {"rank": 4, "alpha": 8, **kw}
+    method = build_method(method_config(method, **kw))
     method.apply(model)
     model.to(dtype)
     with torch.no_grad():
-        for layer in method.layers.values():
+        for layer in getattr(method, "layers", {}).values():
             layer.lora_B.weight.normal_(0, 0.3)
+    assert fuse_swiglu(model) == 2
     return model, method
 
 
 def fused_ran(y):
     """Whether the output came out of the fused node (through the reshape outside it)."""
-    return "FusedSwiGLULoRA" in y.grad_fn.next_functions[0][0].name()
+    return "FusedSwiGLU" in y.grad_fn.next_functions[0][0].name()
 
 
 def mlp_grads(mlp, x, upstream, fused):
@@ -47,17 +52,22 @@ def mlp_grads(mlp, x, upstream, fused):
 
 
 @pytest.mark.parametrize("mlp_bias", [False, True])
-def test_fused_mlp_equals_module_by_module(mlp_bias):
-    """Same output and the same gradients for the input and all six LoRA matrices (float64),
-    with and without biases on the frozen projections."""
-    model, _ = lora_llama(mlp_bias=mlp_bias)
+@pytest.mark.parametrize("method", ["lora", "full", "adapter"])
+def test_fused_mlp_equals_module_by_module(mlp_bias, method):
+    """Same output and the same gradients for the input and every trainable tensor of the MLP
+    (float64), with and without biases: LoRA's six matrices over frozen projections, full
+    fine-tuning's weights and biases, and frozen plain projections (a method that trains
+    elsewhere)."""
+    model, _ = lora_llama(mlp_bias=mlp_bias, method=method)
     mlp = model.model.layers[1].mlp
+    mlp = getattr(mlp, "base_layer", mlp)  # inside the bottleneck adapter's wrapper
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 24, dtype=torch.float64, generator=g, requires_grad=True)
     upstream = torch.randn(3, 5, 24, dtype=torch.float64, generator=g)
     ref = mlp_grads(mlp, x, upstream, fused=False)
     got = mlp_grads(mlp, x, upstream, fused=True)
-    assert len(got) == 2 + 6
+    trainable = {"lora": 6, "full": 6 if mlp_bias else 3, "adapter": 0}[method]
+    assert len(got) == 2 + trainable
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -75,12 +85,20 @@ def test_fused_mlp_passes_gradcheck():
     ]
 
     def mlp(x, ag, bg, au, bu, ad, bd):
-        return FusedSwiGLULoRA.apply(
-            x, w[0], bias[0], ag, bg, w[1], bias[1], au, bu, w[2], bias[2], ad, bd,
+        return FusedSwiGLU.apply(
+            x, w[0], bias[0], w[1], bias[1], w[2], bias[2], ag, bg, au, bu, ad, bd,
             (2.0, 0.5, 1.5), torch.float64,
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(mlp, (x, *lora))
+    trained = [t.clone().requires_grad_() for t in (*w, bias[0], bias[2])]
+
+    def full(x, wg, wu, wd, bg, bd):
+        return FusedSwiGLU.apply(
+            x, wg, bg, wu, None, wd, bd, *[None] * 6, (1.0, 1.0, 1.0), torch.float64
+        )
+
+    assert torch.autograd.gradcheck(full, (x, *trained))
 
 
 def test_fused_mlp_under_bf16_autocast():
@@ -112,7 +130,7 @@ def test_fused_mlp_falls_back_where_it_must():
     torch.testing.assert_close(y, type(mlp).forward(mlp, x))
     with method.disable():
         off = mlp(x)
-        assert "FusedSwiGLULoRA" not in str(off.grad_fn)
+        assert "FusedSwiGLU" not in str(off.grad_fn)
     method.merge()
     torch.testing.assert_close(mlp(x), y)  # merged weights give the adapted output
 
@@ -131,7 +149,25 @@ def test_only_real_swiglu_mlps_are_fused():
 
     assert not is_swiglu(AddMLP())
     model, _ = lora_llama()
-    assert fuse_swiglu(model) == 2  # both layers, already fused by LoRA.apply
+    assert fuse_swiglu(model) == 2  # both layers, fused before
     odd = AddMLP()
     build_method(method_config("lora", rank=2)).apply(odd)
     assert fuse_swiglu(odd) == 0
+
+
+def test_every_method_gets_the_fused_mlp_through_apply_method(llama):
+    """A run's model (``models.apply_method``, setup and loading alike) has its MLPs fused, for
+    any method; a merged LoRA model then runs the plain node."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.models import apply_method
+
+    tok = AutoTokenizer.from_pretrained(llama)
+    for name in ("lora", "full", "prefix"):
+        model = AutoModelForCausalLM.from_pretrained(llama)
+        method = build_method(method_config(name))
+        apply_method(model, method, "lm", tok)
+        mlps = [layer.mlp for layer in model.model.layers]
+        assert all(getattr(m.forward, "__func__", None) is not None for m in mlps)
+        x = torch.randn(1, 3, model.config.hidden_size, requires_grad=True)
+        assert fused_ran(mlps[0](x))

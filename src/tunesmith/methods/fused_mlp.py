@@ -1,33 +1,34 @@
-"""One autograd node for a gated-SiLU (SwiGLU) MLP whose three projections carry LoRA over frozen
-linear layers: the layout of Llama, Qwen2/3, Mistral and most decoders since (Shazeer 2020,
-"GLU Variants Improve Transformer", arXiv 2002.05202).
+"""One autograd node for a gated-SiLU (SwiGLU) MLP: the layout of Llama, Qwen2/3, Mistral and most
+decoders since (Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202).
 
-The MLP computes ``y = down(silu(gate(x)) * up(x))``. With each projection ``p`` a frozen weight
-``W_p`` (and bias ``b_p``) plus a LoRA update ``s_p B_p A_p`` (Hu et al. 2021, arXiv 2106.09685),
-for ``x`` of shape (N, d) and inner width I:
+The MLP computes ``y = down(silu(gate(x)) * up(x))``. Each projection ``p`` is a weight ``W_p``
+(and bias ``b_p``), trainable or frozen, optionally plus a LoRA update ``s_p B_p A_p`` over a
+frozen ``W_p`` (Hu et al. 2021, arXiv 2106.09685). For ``x`` of shape (N, d) and inner width I:
 
-    [a | u] = x [W_g; W_u]^T + [b_g | b_u] + (x [A_g; A_u]^T) diag(s_g B_g, s_u B_u)^T   (N, 2I)
-    h       = silu(a) * u                                                               (N, I)
-    y       = h W_d^T + b_d + s_d (h A_d^T) B_d^T                                       (N, d)
+    a = x W_g^T + b_g (+ s_g (x A_g^T) B_g^T)          (N, I), and u alike with W_u, A_u, B_u
+    h = silu(a) * u                                    (N, I)
+    y = h W_d^T + b_d (+ s_d (h A_d^T) B_d^T)          (N, d)
 
-Gate and up share one product with the weights stacked (and their LoRA updates as one
-block-diagonal product), and only ``x``, ``[a | u]`` and the rank-r products are kept for the
-backward pass; ``h`` is recomputed there (elementwise, no product). For ``g = dL/dy``:
+Each LoRA update is added inside its projection's product, and only ``x``, ``a``, ``u`` and the
+rank-r products are kept for the backward pass; ``h`` is recomputed there (elementwise, no
+product). For ``g = dL/dy``:
 
-    dL/dh   = g W_d + (g s_d B_d) A_d
-    dL/dA_d = (g s_d B_d)^T h,          dL/dB_d = s_d g^T (h A_d^T)
-    dL/da   = silu'(a) * u * dL/dh,     dL/du   = silu(a) * dL/dh
-    dL/dx   = [da | du] [W_g; W_u] + ([da | du] diag(s_g B_g, s_u B_u)) [A_g; A_u]
+    dL/dh   = g W_d (+ (g s_d B_d) A_d)
+    dL/da   = silu'(a) * u * dL/dh,     dL/du = silu(a) * dL/dh
+    dL/dx   = da W_g + du W_u (+ (da s_g B_g) A_g + (du s_u B_u) A_u)
+    dL/dW_d = g^T h,   dL/dW_g = da^T x,   dL/dW_u = du^T x,   dL/db = column sums of g, da, du
+    dL/dA_d = (g s_d B_d)^T h,   dL/dB_d = s_d g^T (h A_d^T)   (gate and up alike)
 
-and the gate's and up's A and B gradients as for ``down``. Module by module, autograd keeps
-two casts of ``x``, ``a``, ``u``, ``silu(a)`` and ``h``: two (N, d) and four (N, I) tensors per
-layer. Here one (N, d) and two (N, I): at the usual I ~ 2.75 d, 0.53x the MLP's activation
-memory, which is most of a decoder layer's.
+each computed only when that input needs it. Module by module, autograd keeps two casts of
+``x`` (under autocast), ``a``, ``u``, ``silu(a)`` and ``h``: two (N, d) and four (N, I)
+tensors per layer. Here one (N, d) and two (N, I): at the usual I ~ 2.75 d, about half the MLP's
+activation memory, which is most of a decoder layer's.
 
-``fuse_swiglu`` installs it on every MLP of that layout whose projections a LoRA wraps; at each
-call the MLP falls back to its own forward unless all three are enabled LoRA layers over frozen
-plain ``nn.Linear`` layers with no dropout active (several adapters on one base, a disabled
-adapter, a merged model and LoRA dropout all take the module-by-module path).
+``fuse_swiglu`` installs it on every MLP of that layout (checked on a probe input, not by class
+name). At each call the MLP falls back to its own forward unless its three projections are all
+plain ``nn.Linear`` layers or all enabled LoRA layers over frozen plain ``nn.Linear`` layers with
+no dropout active (several adapters on one base, a disabled adapter, other wrappers and LoRA
+dropout take the module-by-module path).
 """
 
 from __future__ import annotations
@@ -42,22 +43,8 @@ from torch import nn
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.cat(tensors)`` cast to ``dtype`` in one pass (no float32 copy first)."""
-    out = torch.empty(
-        (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]),
-        dtype=dtype,
-        device=tensors[0].device,
-    )
-    row = 0
-    for t in tensors:
-        out[row : row + t.shape[0]].copy_(t)
-        row += t.shape[0]
-    return out
-
-
-class FusedSwiGLULoRA(torch.autograd.Function):
-    """The LoRA SwiGLU MLP as one node (see the module doc for the maths)."""
+class FusedSwiGLU(torch.autograd.Function):
+    """The SwiGLU MLP as one node, LoRA optional (see the module doc for the maths)."""
 
     @staticmethod
     def forward(
@@ -65,88 +52,88 @@ class FusedSwiGLULoRA(torch.autograd.Function):
         x: torch.Tensor,
         w_gate: torch.Tensor,
         b_gate: torch.Tensor | None,
-        a_gate: torch.Tensor,
-        lb_gate: torch.Tensor,
         w_up: torch.Tensor,
         b_up: torch.Tensor | None,
-        a_up: torch.Tensor,
-        lb_up: torch.Tensor,
         w_down: torch.Tensor,
         b_down: torch.Tensor | None,
-        a_down: torch.Tensor,
-        lb_down: torch.Tensor,
+        a_gate: torch.Tensor | None,
+        lb_gate: torch.Tensor | None,
+        a_up: torch.Tensor | None,
+        lb_up: torch.Tensor | None,
+        a_down: torch.Tensor | None,
+        lb_down: torch.Tensor | None,
         scales: tuple[float, float, float],
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        s_gate, s_up, s_down = scales
-        inner = w_gate.shape[0]
         x2 = x.to(dtype)  # (N, d)
-        w_gu = _stack([w_gate, w_up], dtype)  # (2I, d)
-        a_gu = _stack([a_gate, a_up], dtype)  # (2r, d)
-        sb_gu = torch.block_diag(lb_gate * s_gate, lb_up * s_up).to(dtype)  # (2I, 2r)
-        h_gu = x2 @ a_gu.t()  # (N, 2r)
-        if b_gate is None and b_up is None:
-            gu = x2 @ w_gu.t()
-        else:
-            zeros = torch.zeros(inner, dtype=dtype, device=x.device)
-            bias = torch.cat([zeros if b is None else b.to(dtype) for b in (b_gate, b_up)])
-            gu = torch.addmm(bias, x2, w_gu.t())
-        gu.addmm_(h_gu, sb_gu.t())  # (N, 2I) = [a | u]
-        h = F.silu(gu[:, :inner])
-        h.mul_(gu[:, inner:])
-        w_d, a_d = w_down.to(dtype), a_down.to(dtype)
-        sb_d = (lb_down * s_down).to(dtype)
-        h_d = h @ a_d.t()  # (N, r)
-        y = h @ w_d.t() if b_down is None else torch.addmm(b_down.to(dtype), h, w_d.t())
-        y.addmm_(h_d, sb_d.t())
-        ctx.save_for_backward(x2, gu, h_gu, h_d, w_gu, a_gu, sb_gu, w_d, a_d, sb_d)
-        ctx.scales, ctx.inner, ctx.rank = scales, inner, a_gate.shape[0]
-        return y
+        lora = a_gate is not None
+        saved: list[torch.Tensor] = []
+        outs = []  # a, u (N, I) and y (N, d), each with its LoRA update added in its last GEMM
+        for inp, w, b, a, lb, s in (
+            (x2, w_gate, b_gate, a_gate, lb_gate, scales[0]),
+            (x2, w_up, b_up, a_up, lb_up, scales[1]),
+            (None, w_down, b_down, a_down, lb_down, scales[2]),
+        ):
+            if inp is None:  # down reads h = silu(a) * u
+                inp = F.silu(outs[0])
+                inp.mul_(outs[1])
+            w2 = w.to(dtype)
+            out = inp @ w2.t() if b is None else torch.addmm(b.to(dtype), inp, w2.t())
+            saved.append(w2)
+            if lora:
+                a2, sb = a.to(dtype), (lb * s).to(dtype)
+                h_lora = inp @ a2.t()  # (N, r)
+                out.addmm_(h_lora, sb.t())
+                saved += [a2, sb, h_lora]
+            outs.append(out)
+        ctx.save_for_backward(x2, outs[0], outs[1], *saved)
+        ctx.scales, ctx.lora = scales, lora
+        return outs[2]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, gu, h_gu, h_d, w_gu, a_gu, sb_gu, w_d, a_d, sb_d = ctx.saved_tensors
-        s_gate, s_up, s_down = ctx.scales
-        inner, rank = ctx.inner, ctx.rank
-        need = ctx.needs_input_grad
+        x2, a, u, *saved = ctx.saved_tensors
+        need, lora = ctx.needs_input_grad, ctx.lora
+        per = 4 if lora else 1  # saved tensors per projection: W (and A, s B, x A^T)
+        (w_g, *l_g), (w_u, *l_u), (w_d, *l_d) = (saved[i : i + per] for i in (0, per, 2 * per))
+        grads: list[torch.Tensor | None] = [None] * 15
         g = grad.to(w_d.dtype)
-        a, u = gu[:, :inner], gu[:, inner:]
-        g_hd = g @ sb_d  # (N, r): the gradient at h A_d^T
         silu_a = F.silu(a)
-        if need[11] or need[12]:
+        dh = g @ w_d  # (N, I)
+        if lora:
+            a_d, sb_d, h_d = l_d
+            g_hd = g @ sb_d  # (N, r): the gradient at h A_d^T
+            dh.addmm_(g_hd, a_d)
+            if need[12]:
+                grads[12] = (g.t() @ h_d) * ctx.scales[2]
+        if need[5] or need[11]:
             h = silu_a * u
-            da_down = g_hd.t() @ h if need[11] else None
+            grads[5] = g.t() @ h if need[5] else None
+            grads[11] = g_hd.t() @ h if need[11] else None
             del h
-        else:
-            da_down = None
-        db_down = (g.t() @ h_d) * s_down if need[12] else None
-        dh = torch.addmm(g_hd @ a_d, g, w_d)  # (N, I)
-        d_gu = torch.empty_like(gu)
-        torch.ops.aten.silu_backward.grad_input(dh * u, a, grad_input=d_gu[:, :inner])
-        torch.mul(dh, silu_a, out=d_gu[:, inner:])
-        del dh, silu_a
-        g_h = d_gu @ sb_gu  # (N, 2r): the gradient at x [A_g; A_u]^T
-        dx = torch.addmm(g_h @ a_gu, d_gu, w_gu) if need[0] else None
-        da_gu = g_h.t() @ x2 if need[3] or need[7] else None  # (2r, d)
-        db_gate = (d_gu[:, :inner].t() @ h_gu[:, :rank]) * s_gate if need[4] else None
-        db_up = (d_gu[:, inner:].t() @ h_gu[:, rank:]) * s_up if need[8] else None
-        return (
-            dx,
-            None,
-            None,
-            None if da_gu is None or not need[3] else da_gu[:rank],
-            db_gate,
-            None,
-            None,
-            None if da_gu is None or not need[7] else da_gu[rank:],
-            db_up,
-            None,
-            None,
-            da_down,
-            db_down,
-            None,
-            None,
-        )
+        if need[6]:
+            grads[6] = g.sum(0)
+        d_a = torch.ops.aten.silu_backward(dh * u, a)
+        d_u = dh.mul_(silu_a)
+        del silu_a
+        dx = None
+        for d_out, w, lora_saved, s, (iw, ib, ia, ilb) in (
+            (d_a, w_g, l_g, ctx.scales[0], (1, 2, 7, 8)),
+            (d_u, w_u, l_u, ctx.scales[1], (3, 4, 9, 10)),
+        ):
+            if need[0]:
+                dx = d_out @ w if dx is None else dx.addmm_(d_out, w)
+            grads[iw] = d_out.t() @ x2 if need[iw] else None
+            grads[ib] = d_out.sum(0) if need[ib] else None
+            if lora:
+                a_l, sb, h_l = lora_saved
+                g_h = d_out @ sb  # (N, r)
+                if need[0]:
+                    dx.addmm_(g_h, a_l)
+                grads[ia] = g_h.t() @ x2 if need[ia] else None
+                grads[ilb] = (d_out.t() @ h_l) * s if need[ilb] else None
+        grads[0] = dx
+        return tuple(grads)
 
 
 def _fusable(layer: nn.Module, training: bool) -> bool:
@@ -164,19 +151,25 @@ def _fusable(layer: nn.Module, training: bool) -> bool:
 
 def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layers = [getattr(self, p) for p in PROJECTIONS]
-    if not all(_fusable(m, m.training) for m in layers):
-        return type(self).forward(self, x)
     device = x.device.type
     on = torch.is_autocast_enabled(device)
-    gate = layers[0]
-    if not on and gate.base_layer.weight.dtype != gate.lora_A.weight.dtype:
-        return type(self).forward(self, x)  # a low-precision base without autocast
-    dtype = torch.get_autocast_dtype(device) if on else gate.base_layer.weight.dtype
-    args: list[Any] = [x.reshape(-1, x.shape[-1])]
-    for m in layers:
-        args += [m.base_layer.weight, m.base_layer.bias, m.lora_A.weight, m.lora_B.weight]
+    if all(type(m) is nn.Linear for m in layers):
+        weights = [m.weight for m in layers]
+        lora: list[torch.Tensor | None] = [None] * 6
+        if not on and any(w.dtype != x.dtype for w in weights):
+            return type(self).forward(self, x)  # the module path says what is wrong
+    elif all(_fusable(m, m.training) for m in layers):
+        weights = [m.base_layer.weight for m in layers]
+        lora = [t for m in layers for t in (m.lora_A.weight, m.lora_B.weight)]
+        if not on and weights[0].dtype != lora[0].dtype:
+            return type(self).forward(self, x)  # a low-precision base without autocast
+    else:
+        return type(self).forward(self, x)
+    dtype = torch.get_autocast_dtype(device) if on else weights[0].dtype
+    base = [t for m, w in zip(layers, weights) for t in (w, getattr(m, "base_layer", m).bias)]
+    scales = tuple(float(getattr(m, "scaling", 1.0)) for m in layers)
     with torch.autocast(device, enabled=False):
-        y = FusedSwiGLULoRA.apply(*args, tuple(m.scaling for m in layers), dtype)
+        y = FusedSwiGLU.apply(x.reshape(-1, x.shape[-1]), *base, *lora, scales, dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -200,26 +193,26 @@ def is_swiglu(mlp: nn.Module) -> bool:
         return False
     if any(p.is_meta for p in mlp.parameters()):
         return False
-    probe, expected = _plain_swiglu(mlp)
-    with torch.no_grad():
-        got = type(mlp).forward(mlp, probe)
+    modes = {m: m.training for m in mlp.modules()}
+    mlp.eval()  # no dropout: both sides must compute the same thing
+    try:
+        probe, expected = _plain_swiglu(mlp)
+        with torch.no_grad():
+            got = type(mlp).forward(mlp, probe)
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def fuse_swiglu(model: nn.Module) -> int:
-    """Install the one-node forward on every SwiGLU MLP whose three projections a LoRA wraps;
-    returns how many MLPs it fused."""
+    """Install the one-node forward on every SwiGLU MLP of ``model``; returns how many MLPs have
+    it (those fused before included)."""
     count = 0
     for module in model.modules():
-        if (
-            isinstance(module.forward, types.MethodType)
-            and module.forward.__func__ is _fused_forward
-        ):
-            count += 1
-            continue
-        if all(hasattr(getattr(module, p, None), "lora_A") for p in PROJECTIONS) and is_swiglu(
-            module
-        ):
+        fused = getattr(module.forward, "__func__", None) is _fused_forward
+        if not fused and is_swiglu(module):
             module.forward = types.MethodType(_fused_forward, module)
-            count += 1
+            fused = True
+        count += fused
     return count

@@ -40,7 +40,6 @@ from tunesmith.methods.base import (
     toggled,
 )
 from tunesmith.methods.fused_lora import fused_lora
-from tunesmith.methods.fused_mlp import fuse_swiglu
 
 PEFT_PREFIX = "base_model.model."
 
@@ -187,7 +186,6 @@ class LoRA(MethodBase):
             layer = LoRALinear(model.get_submodule(name), c.rank, c.scaling, c.dropout)
             replace_module(model, name, layer)
             self.layers[name] = layer
-        fuse_swiglu(model)
         self.model = model
         return model
 
