@@ -239,3 +239,38 @@ def test_low_precision_base_without_autocast_keeps_the_adapter_in_fp32():
     a, b = layer.lora_A.weight, layer.lora_B.weight
     update = (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
     torch.testing.assert_close(y, base(x) + update)
+
+
+def test_layers_reading_one_tensor_share_its_cast():
+    """q, k and v read the same input: under autocast their nodes keep one bf16 copy of it, not
+    three; a tensor changed in place in between is cast again."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(3):
+        base = torch.nn.Linear(16, 8, bias=False)
+        base.requires_grad_(False)
+        layers.append(LoRALinear(base, rank=2, scaling=1.0, dropout=0.0))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    casts = set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.shape == (10, 16):
+            casts.add(t.untyped_storage().data_ptr())
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = [layer(x) for layer in layers]
+    assert len(casts) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = [layer(x.detach().clone()) for layer in layers]
+    for y, ref in zip(ys, alone):
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    sum(y.float().sum() for y in ys).backward()
+    assert x.grad is not None
+    z = torch.randn(2, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layers[0](z)
+        z.mul_(2)
+        again = layers[0](z)
+    torch.testing.assert_close(again.float(), 2 * first.float(), rtol=0.02, atol=0.02)

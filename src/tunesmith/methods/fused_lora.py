@@ -26,14 +26,34 @@ products' outputs, and temporaries that stay alive for the backward pass. Here `
 
 Under autocast the products run in the autocast dtype (bf16): ``x``, ``W``, ``A`` and ``B`` are
 cast once each, the gradients of ``A`` and ``B`` come back in their own dtype (float32), as
-autocast's casts would give them.
+autocast's casts would give them. Layers that read the same tensor one after another (q, k and
+v) share one cast of it: the nodes keep one bf16 copy of the attention input instead of three.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+
+_last_cast: tuple[weakref.ref, int, torch.dtype, torch.Tensor] | None = None
+
+
+def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, untracked by autograd; the same copy again while ``x`` (the same object,
+    unmodified) is what the layers read, as q, k and v do. Only a weak reference to ``x`` is
+    kept, so a tensor later allocated where it was can never match."""
+    global _last_cast
+    if torch.compiler.is_compiling():  # a compiled graph does its own sharing
+        return x.detach().to(dtype)
+    last = _last_cast
+    if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
+        return last[3]
+    with torch.no_grad():
+        cast = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, dtype, cast)
+    return cast
 
 
 class FusedLoRA(torch.autograd.Function):
@@ -43,6 +63,7 @@ class FusedLoRA(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
+        x_cast: torch.Tensor | None,
         x_lora: torch.Tensor | None,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -51,7 +72,8 @@ class FusedLoRA(torch.autograd.Function):
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        x2 = x.to(dtype)  # (N, d_in): callers pass 2-D rows
+        x2 = x if x_cast is None else x_cast  # (N, d_in): callers pass 2-D rows
+        x2 = x2.to(dtype)
         xl = x2 if x_lora is None else x_lora.to(dtype)
         w, a = weight.to(dtype), lora_a.to(dtype)
         sb = (lora_b * scaling).to(dtype)
@@ -69,13 +91,13 @@ class FusedLoRA(torch.autograd.Function):
         gh = g @ sb  # (N, r): the gradient at h
         dx = dx_lora = None
         if ctx.separate:
-            dx_lora = gh @ a if ctx.needs_input_grad[1] else None
+            dx_lora = gh @ a if ctx.needs_input_grad[2] else None
             dx = g @ w if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:
             dx = torch.addmm(gh @ a, g, w)
-        da = gh.t() @ xl if ctx.needs_input_grad[4] else None
-        db = (g.t() @ h) * ctx.scaling if ctx.needs_input_grad[5] else None
-        return dx, dx_lora, None, None, da, db, None, None
+        da = gh.t() @ xl if ctx.needs_input_grad[5] else None
+        db = (g.t() @ h) * ctx.scaling if ctx.needs_input_grad[6] else None
+        return dx, None, dx_lora, None, None, da, db, None, None
 
 
 def fused_lora(
@@ -95,6 +117,7 @@ def fused_lora(
     dtype = torch.get_autocast_dtype(device) if on else weight.dtype
     rows = x.reshape(-1, x.shape[-1])
     rows_lora = None if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+    cast = None if x.dtype == dtype else _cast_once(x, dtype).reshape(-1, x.shape[-1])
     with torch.autocast(device, enabled=False):
-        y = FusedLoRA.apply(rows, rows_lora, weight, bias, lora_a, lora_b, scaling, dtype)
+        y = FusedLoRA.apply(rows, cast, rows_lora, weight, bias, lora_a, lora_b, scaling, dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
