@@ -16,6 +16,7 @@ from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.fused_mlp import fuse_swiglu
+from tunesmith.methods.fused_norm import fuse_rmsnorm
 
 DTYPES = {
     "float32": torch.float32,
@@ -245,6 +246,7 @@ def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn
         if getattr(module, "tunesmith_head", False):
             module.requires_grad_(True)
     fuse_swiglu(model)  # one autograd node per SwiGLU MLP, whatever the method made of it
+    fuse_rmsnorm(model)  # and per RMSNorm
     return model
 
 

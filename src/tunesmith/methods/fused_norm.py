@@ -1,0 +1,92 @@
+"""One autograd node for RMSNorm (Zhang and Sennrich 2019, arXiv 1910.07467) as Llama, Qwen2/3 and
+Mistral write it: in float32, then cast back, then scaled by the weight.
+
+For ``x`` of shape (..., d), weight ``w`` and ``eps``:
+
+    r = 1 / sqrt(mean(x^2) + eps)          (..., 1), in float32
+    y = w * (x r)                          (x r cast back to x's dtype first)
+
+and, for ``g = dL/dy`` and ``x^ = x r``:
+
+    dL/dw = sum over rows of g * x^
+    dL/dx = r * (g w - x^ * mean(g w * x^))
+
+Op by op, autograd keeps ``x`` for the square, ``x`` and ``r`` for the product and, when the
+weight trains (full fine-tuning), ``x^`` as well: two float32 (N, d) tensors per norm, four per
+decoder layer. This node keeps ``x`` and ``r`` and recomputes ``x^`` in the backward pass.
+
+``fuse_rmsnorm`` installs it on every module whose own forward computes exactly that (a
+``weight`` and a ``variance_epsilon``, checked on a probe input, not by class name); Gemma's
+``(1 + w)`` variant and any other norm keep their forward.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """``w * (x / sqrt(mean(x^2) + eps))`` (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, r, weight)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, r, weight = ctx.saved_tensors
+        xhat = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0)
+        gh = (grad * weight).to(x.dtype).float()  # the gradient at x^, as the op path rounds it
+        dx = r * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return FusedRMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+def is_rmsnorm(module: nn.Module) -> bool:
+    """Whether ``module``'s forward computes ``w * (x / sqrt(mean(x^2) + eps))`` as the module
+    doc writes it (checked on a probe input)."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if (
+        not isinstance(weight, nn.Parameter)
+        or weight.dim() != 1
+        or weight.is_meta
+        or not isinstance(eps, float)
+        or any(True for _ in module.children())
+    ):
+        return False
+    rng = torch.Generator(weight.device).manual_seed(0)  # the global generator stays untouched
+    probe = torch.randn(2, weight.shape[0], generator=rng, device=weight.device)
+    probe = probe.to(weight.dtype)
+    with torch.no_grad():
+        try:
+            got = type(module).forward(module, probe)
+        except Exception:  # a forward that needs more than one tensor is not this norm
+            return False
+        expected = FusedRMSNorm.apply(probe, weight, eps)
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def fuse_rmsnorm(model: nn.Module) -> int:
+    """Install the one-node forward on every RMSNorm of ``model``; returns how many have it."""
+    count = 0
+    for module in model.modules():
+        fused = getattr(module.forward, "__func__", None) is _fused_forward
+        if not fused and is_rmsnorm(module):
+            module.forward = types.MethodType(_fused_forward, module)
+            fused = True
+        count += fused
+    return count
