@@ -34,6 +34,7 @@ dropout take the module-by-module path).
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -205,14 +206,22 @@ def is_swiglu(mlp: nn.Module) -> bool:
     return torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def install_forward(
+    model: nn.Module, forward: Callable[..., torch.Tensor], applies: Callable[[nn.Module], bool]
+) -> int:
+    """Make ``forward`` the forward of every module of ``model`` for which ``applies`` holds
+    (once: a module that has it already counts); returns how many modules have it."""
+    count = 0
+    for module in model.modules():
+        done = getattr(module.forward, "__func__", None) is forward
+        if not done and applies(module):
+            module.forward = types.MethodType(forward, module)
+            done = True
+        count += done
+    return count
+
+
 def fuse_swiglu(model: nn.Module) -> int:
     """Install the one-node forward on every SwiGLU MLP of ``model``; returns how many MLPs have
     it (those fused before included)."""
-    count = 0
-    for module in model.modules():
-        fused = getattr(module.forward, "__func__", None) is _fused_forward
-        if not fused and is_swiglu(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            fused = True
-        count += fused
-    return count
+    return install_forward(model, _fused_forward, is_swiglu)

@@ -22,11 +22,12 @@ decoder layer. This node keeps ``x`` and ``r`` and recomputes ``x^`` in the back
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import nn
+
+from tunesmith.methods.fused_mlp import install_forward
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -82,11 +83,4 @@ def is_rmsnorm(module: nn.Module) -> bool:
 
 def fuse_rmsnorm(model: nn.Module) -> int:
     """Install the one-node forward on every RMSNorm of ``model``; returns how many have it."""
-    count = 0
-    for module in model.modules():
-        fused = getattr(module.forward, "__func__", None) is _fused_forward
-        if not fused and is_rmsnorm(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            fused = True
-        count += fused
-    return count
+    return install_forward(model, _fused_forward, is_rmsnorm)
