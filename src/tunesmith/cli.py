@@ -479,8 +479,12 @@ def _restart_under_caching_allocator(a: argparse.Namespace) -> None:
         return
     mode = "fast"
     if getattr(a, "config", None) is not None:
+        from pathlib import Path
+
         from tunesmith.config import read_config_data
 
+        if not Path(a.config).is_file():  # a pipe can be read only once: no restart
+            return
         try:
             data = read_config_data(a.config, a.overrides)
             mode = data.get("train", {}).get("cpu_memory", "fast")
@@ -490,7 +494,8 @@ def _restart_under_caching_allocator(a: argparse.Namespace) -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "tunesmith", *sys.argv[1:]], env)
+        # the same interpreter flags, script or -m, and arguments (sys.orig_argv)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -202,6 +202,8 @@ class Config:
     in YAML each is a top-level section."""
 
     def __post_init__(self) -> None:
+        import tunesmith.tasks  # noqa: F401  (registers every task's settings)
+
         if self.method is None:
             from tunesmith.methods import method_config
 

@@ -70,3 +70,13 @@ def test_round_trip_through_dict():
     cfg = load_config({"method": {"name": "lora", "targets": ["q_proj"]}, "train": {"lr": 0.1}})
     again = load_config(cfg.to_dict())
     assert again == cfg
+
+
+def test_a_config_built_directly_has_every_task_section():
+    """``tunesmith.Config(...)`` (the package imports lazily) still knows every task's section."""
+    import subprocess
+    import sys
+
+    code = "import tunesmith; print(tunesmith.Config(task='dpo').dpo.beta)"  # a fresh process
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "0.1", out.stderr

@@ -147,7 +147,13 @@ def test_only_real_swiglu_mlps_are_fused():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
+    class DropoutMLP(AddMLP):
+        def forward(self, x):
+            h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            return self.down_proj(nn.functional.dropout(h, 0.1, self.training))
+
     assert not is_swiglu(AddMLP())
+    assert not is_swiglu(DropoutMLP())  # its dropout is not in the formula
     model, _ = lora_llama()
     assert fuse_swiglu(model) == 2  # both layers, fused before
     odd = AddMLP()
@@ -168,6 +174,24 @@ def test_every_method_gets_the_fused_mlp_through_apply_method(llama):
         method = build_method(method_config(name))
         apply_method(model, method, "lm", tok)
         mlps = [layer.mlp for layer in model.model.layers]
-        assert all(getattr(m.forward, "__func__", None) is not None for m in mlps)
+        assert all(getattr(m.forward, "func", None) is not None for m in mlps)
         x = torch.randn(1, 3, model.config.hidden_size, requires_grad=True)
         assert fused_ran(mlps[0](x))
+
+
+def test_fused_models_pickle_and_hooks_are_honoured(tmp_path):
+    """A fused model survives torch.save / torch.load; a forward hook on a projection (which the
+    node would skip) sends the MLP down the module path; extra arguments too."""
+    model, _ = lora_llama()
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    again = torch.load(path, weights_only=False)
+    x = torch.randn(1, 3, 24, dtype=torch.float64)
+    torch.testing.assert_close(again.model.layers[0].mlp(x), model.model.layers[0].mlp(x))
+    mlp = model.model.layers[0].mlp
+    seen = []
+    handle = mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not fused_ran(mlp(x.requires_grad_()))
+    assert seen == [(1, 3, 40)]
+    handle.remove()
+    assert fused_ran(mlp(x))

@@ -48,7 +48,16 @@ def test_only_this_rmsnorm_is_fused():
             x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
             return x * (1.0 + self.weight)
 
+    class Gated(LlamaRMSNorm):  # a norm with a second input (Mamba-style gating)
+        def forward(self, x, gate=None):
+            y = super().forward(x)
+            return y if gate is None else y * torch.sigmoid(gate)
+
     assert not is_rmsnorm(OnePlus()) and not is_rmsnorm(nn.LayerNorm(8))
+    gated = Gated(8)
+    assert fuse_rmsnorm(gated) == 1  # one input: the same formula
+    x, gate = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(gated(x, gate), Gated.forward(gated, x, gate))  # two: its own
     cfg = LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1,

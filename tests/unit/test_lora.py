@@ -274,3 +274,14 @@ def test_layers_reading_one_tensor_share_its_cast():
         z.mul_(2)
         again = layers[0](z)
     torch.testing.assert_close(again.float(), 2 * first.float(), rtol=0.02, atol=0.02)
+
+
+def test_lora_under_inference_mode_and_autocast():
+    """Inference tensors have no version counter: the shared cast must not need one."""
+    base = torch.nn.Linear(8, 4)
+    base.requires_grad_(False)
+    layer = LoRALinear(base, rank=2, scaling=1.0, dropout=0.0)
+    x = torch.randn(3, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    torch.testing.assert_close(y.float(), base(x), rtol=0.02, atol=0.02)

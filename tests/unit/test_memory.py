@@ -110,6 +110,7 @@ def restart_args(monkeypatch, argv):
     monkeypatch.setattr(memory, "caching_allocator", lambda: "libfake-malloc.so")
     monkeypatch.setattr(cli.os, "execve", execve)
     monkeypatch.setattr(sys, "argv", ["tunesmith", *argv])
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "/venv/bin/tunesmith", *argv])
     for knob in ("LD_PRELOAD", PRELOADED, "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(knob, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "")
@@ -124,7 +125,7 @@ def test_cli_train_restarts_itself_with_the_allocator(monkeypatch, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: builtin:tiny\ntrain:\n  epochs: 1\n")
     args, env = restart_args(monkeypatch, ["train", str(cfg), "train.lr=1e-4"])
-    assert args[1:] == ["-m", "tunesmith", "train", str(cfg), "train.lr=1e-4"]
+    assert args == [sys.executable, "-u", "/venv/bin/tunesmith", "train", str(cfg), "train.lr=1e-4"]
     assert env["LD_PRELOAD"] == "libfake-malloc.so"
     stopped = []
     monkeypatch.setitem(cli.COMMANDS, "train", lambda a: stopped.append(a.config))
@@ -136,6 +137,9 @@ def test_cli_train_restarts_itself_with_the_allocator(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["tunesmith", "train", str(cfg)])
     cfg.write_text("model: builtin:tiny\n")
     assert cli.main(["train", str(cfg)]) == 0 and len(stopped) == 3  # from Python: never
+    os.mkfifo(pipe := tmp_path / "pipe")  # a config that can be read once: no restart
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "train", str(pipe)])
+    assert cli.main() == 0 and stopped[-1] == str(pipe)
 
 
 @pytest.mark.skipif(caching_allocator() is None, reason="no tcmalloc on this system")
@@ -153,3 +157,11 @@ def test_the_preloaded_allocator_is_the_one_in_use(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_under_a_preloaded_malloc_glibc_is_not_tuned(monkeypatch):
+    """tcmalloc's mallopt accepts anything and does nothing: no setting is claimed under it."""
+    for knob in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
+    assert set_cpu_malloc(torch.device("cpu"), "lean") is False

@@ -36,23 +36,27 @@ import weakref
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
-_last_cast: tuple[weakref.ref, int, torch.dtype, torch.Tensor] | None = None
+_last_cast: tuple[weakref.ref, int, torch.dtype, weakref.ref] | None = None
 
 
 def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``, untracked by autograd; the same copy again while ``x`` (the same object,
-    unmodified) is what the layers read, as q, k and v do. Only a weak reference to ``x`` is
-    kept, so a tensor later allocated where it was can never match."""
+    unmodified) is what the layers read, as q, k and v do. Only weak references are kept: a
+    tensor later allocated where ``x`` was can never match, and the copy lives only as long as
+    a node saves it (with no gradients, nothing does, and each layer casts for itself)."""
     global _last_cast
-    if torch.compiler.is_compiling():  # a compiled graph does its own sharing
+    if torch.compiler.is_compiling() or x.is_inference():  # no sharing to do / no version
         return x.detach().to(dtype)
     last = _last_cast
     if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
-        return last[3]
+        cast = last[3]()
+        if cast is not None:
+            return cast
     with torch.no_grad():
         cast = x.to(dtype)
-    _last_cast = (weakref.ref(x), x._version, dtype, cast)
+    _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(cast))
     return cast
 
 
@@ -85,6 +89,7 @@ class FusedLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xl, h, w, a, sb = ctx.saved_tensors
         g = grad.to(w.dtype)

@@ -33,13 +33,14 @@ dropout take the module-by-module path).
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -92,6 +93,7 @@ class FusedSwiGLU(torch.autograd.Function):
         return outs[2]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, a, u, *saved = ctx.saved_tensors
         need, lora = ctx.needs_input_grad, ctx.lora
@@ -150,8 +152,15 @@ def _fusable(layer: nn.Module, training: bool) -> bool:
     )
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks are registered on ``module`` (a fused node would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     layers = [getattr(self, p) for p in PROJECTIONS]
+    if args or kwargs or any(hooked(m) for m in layers):
+        return type(self).forward(self, x, *args, **kwargs)
     device = x.device.type
     on = torch.is_autocast_enabled(device)
     if all(type(m) is nn.Linear for m in layers):
@@ -174,48 +183,60 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _plain_swiglu(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A probe input and what ``down(silu(gate(x)) * up(x))`` gives on it."""
-    gate, up, down = (getattr(mlp, p) for p in PROJECTIONS)
-    w = gate.weight
+def agrees(module: nn.Module, formula: Callable[[torch.Tensor], torch.Tensor], width: int) -> bool:
+    """Whether ``module``'s own forward gives what ``formula`` gives on a probe input, in eval
+    mode and in training mode (each side from the same random state, so dropout the formula
+    also applies draws the same, and dropout only the module applies tells them apart)."""
+    weights = list(module.parameters())
+    if not weights or any(p.is_meta for p in weights):
+        return False
+    w = weights[0]
     rng = torch.Generator(w.device).manual_seed(0)  # the global generator stays untouched
-    probe = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device, generator=rng)
-    with torch.no_grad():
-        return probe, down(F.silu(gate(probe)) * up(probe))
+    probe = torch.randn(2, width, generator=rng, device=w.device).to(w.dtype)
+    modes = {m: m.training for m in module.modules()}
+    devices = [w.device] if w.device.type == "cuda" else []
+    try:
+        for training in (False, True):
+            module.train(training)
+            got = []
+            for fn in (lambda p: type(module).forward(module, p), formula):
+                with torch.no_grad(), torch.random.fork_rng(devices):
+                    torch.manual_seed(0)
+                    got.append(fn(probe))
+            if got[0].shape != got[1].shape or not torch.allclose(*got, rtol=1e-4, atol=1e-5):
+                return False
+        return True
+    except Exception:  # a forward that needs more than one tensor is not this module
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def is_swiglu(mlp: nn.Module) -> bool:
     """Whether ``mlp`` computes ``down_proj(silu(gate_proj(x)) * up_proj(x))``: it has the three
     projections and a SiLU ``act_fn``, and its own forward agrees with that formula on a probe
-    (so an MLP of the same names that computes something else is left alone)."""
+    (so an MLP of the same names that computes something else, or adds dropout, is left alone)."""
     if not all(hasattr(mlp, p) for p in PROJECTIONS) or not hasattr(mlp, "act_fn"):
         return False
     if not isinstance(mlp.act_fn, nn.SiLU) and type(mlp.act_fn).__name__ != "SiLUActivation":
         return False
-    if any(p.is_meta for p in mlp.parameters()):
-        return False
-    modes = {m: m.training for m in mlp.modules()}
-    mlp.eval()  # no dropout: both sides must compute the same thing
-    try:
-        probe, expected = _plain_swiglu(mlp)
-        with torch.no_grad():
-            got = type(mlp).forward(mlp, probe)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    gate, up, down = (getattr(mlp, p) for p in PROJECTIONS)
+    return agrees(mlp, lambda x: down(F.silu(gate(x)) * up(x)), gate.weight.shape[1])
 
 
 def install_forward(
     model: nn.Module, forward: Callable[..., torch.Tensor], applies: Callable[[nn.Module], bool]
 ) -> int:
     """Make ``forward`` the forward of every module of ``model`` for which ``applies`` holds
-    (once: a module that has it already counts); returns how many modules have it."""
+    (once: a module that has it already counts; never over another instance-level forward, such
+    as a dispatch hook's); returns how many modules have it."""
     count = 0
     for module in model.modules():
-        done = getattr(module.forward, "__func__", None) is forward
-        if not done and applies(module):
-            module.forward = types.MethodType(forward, module)
+        own = module.__dict__.get("forward")
+        done = getattr(own, "func", None) is forward
+        if not done and own is None and applies(module):
+            module.forward = functools.partial(forward, module)  # picklable, unlike a method
             done = True
         count += done
     return count

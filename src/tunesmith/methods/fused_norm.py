@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from tunesmith.methods.fused_mlp import install_forward
+from tunesmith.methods.fused_mlp import agrees, install_forward
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -41,18 +42,22 @@ class FusedRMSNorm(torch.autograd.Function):
         return weight * (xf * r).to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, r, weight = ctx.saved_tensors
         xhat = x.float() * r
-        dw = None
+        dx = dw = None
         if ctx.needs_input_grad[1]:
             dw = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0)
-        gh = (grad * weight).to(x.dtype).float()  # the gradient at x^, as the op path rounds it
-        dx = r * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw, None
+        if ctx.needs_input_grad[0]:
+            gh = (grad * weight).to(x.dtype).float()  # the gradient at x^, rounded as op by op
+            dx = (r * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dw, None
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if args or kwargs:  # a variant with more inputs (a gated norm): its own forward
+        return type(self).forward(self, x, *args, **kwargs)
     return FusedRMSNorm.apply(x, self.weight, self.variance_epsilon)
 
 
@@ -64,21 +69,11 @@ def is_rmsnorm(module: nn.Module) -> bool:
     if (
         not isinstance(weight, nn.Parameter)
         or weight.dim() != 1
-        or weight.is_meta
         or not isinstance(eps, float)
         or any(True for _ in module.children())
     ):
         return False
-    rng = torch.Generator(weight.device).manual_seed(0)  # the global generator stays untouched
-    probe = torch.randn(2, weight.shape[0], generator=rng, device=weight.device)
-    probe = probe.to(weight.dtype)
-    with torch.no_grad():
-        try:
-            got = type(module).forward(module, probe)
-        except Exception:  # a forward that needs more than one tensor is not this norm
-            return False
-        expected = FusedRMSNorm.apply(probe, weight, eps)
-    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    return agrees(module, lambda x: FusedRMSNorm.apply(x, weight, eps), weight.shape[0])
 
 
 def fuse_rmsnorm(model: nn.Module) -> int:

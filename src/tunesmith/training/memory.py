@@ -106,7 +106,14 @@ def set_cpu_malloc(device: torch.device, mode: str) -> bool:
     """Apply ``train.cpu_memory`` = ``mode`` (see the module doc) when training runs on CPU with
     glibc and the user has not tuned malloc themselves; True if it was set."""
     wanted = SETTINGS[mode]
-    if not wanted or device.type != "cpu" or user_set_malloc(dict(os.environ)) or not is_glibc():
+    env = dict(os.environ)
+    if (
+        not wanted
+        or device.type != "cpu"
+        or user_set_malloc(env)
+        or env.get("LD_PRELOAD", "").strip()  # another malloc is in charge (tcmalloc's
+        or not is_glibc()  # mallopt accepts anything and does nothing)
+    ):
         return False
     return apply_settings(ctypes.CDLL(None).mallopt, wanted)  # glibc's, in the process's symbols
 
