@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import math
 import re
 import types
@@ -175,6 +176,16 @@ class TaskSettings:
 TASKS: dict[str, TaskSettings] = {}
 
 
+TASK_MODULES = ("tunesmith.tasks",)
+"""The modules that register the tasks' settings (below), imported before a config is built."""
+
+
+def register_tasks() -> None:
+    """Import :data:`TASK_MODULES` (once; importing registers)."""
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+
+
 def register_task_settings(
     name: str, section: type | None, check: typing.Callable[[Config], None] | None = None
 ) -> None:
@@ -202,8 +213,7 @@ class Config:
     in YAML each is a top-level section."""
 
     def __post_init__(self) -> None:
-        import tunesmith.tasks  # noqa: F401  (registers every task's settings)
-
+        register_tasks()
         if self.method is None:
             from tunesmith.methods import method_config
 
@@ -378,7 +388,7 @@ def _check_train(t: TrainConfig) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate a plain dict (as read from YAML) into a :class:`Config`."""
-    import tunesmith.tasks  # noqa: F401  (registers every task's settings)
+    register_tasks()
     from tunesmith.methods import method_config, method_names
 
     if not isinstance(data, dict):
