@@ -227,14 +227,8 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     set_cpu_malloc(device, cfg.train.cpu_memory)
     if device.type == "cpu" and (library := os.environ.get(PRELOADED)):
         mode = cfg.train.cpu_memory
-        say(
-            f"cpu memory: {library} preloaded"
-            + (
-                ""
-                if mode == "fast"
-                else f" by the parent process; train.cpu_memory: {mode} has no effect under it"
-            )
-        )
+        under = "" if mode == "fast" else f" by the parent (train.cpu_memory: {mode} cannot apply)"
+        say(f"cpu memory: {library} preloaded{under}")
     model, tokenizer, method, base_path = setup_model(cfg, task.head, device)
     settle_precision(cfg.train, device, model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, task.records)

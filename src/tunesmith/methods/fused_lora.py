@@ -105,6 +105,14 @@ class FusedLoRA(torch.autograd.Function):
         return dx, None, dx_lora, None, None, da, db, None, None
 
 
+def compute_dtype(device: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fused node computes in: autocast's when autocast is on for ``device``, else
+    the (base) weight's."""
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight_dtype
+
+
 def fused_lora(
     x: torch.Tensor,
     x_lora: torch.Tensor | None,
@@ -118,8 +126,7 @@ def fused_lora(
     autocast dtype when autocast is on, else in ``weight``'s dtype. The node works on 2-D rows and
     the result is reshaped outside it, so in-place operations on the output stay allowed."""
     device = x.device.type
-    on = torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if on else weight.dtype
+    dtype = compute_dtype(device, weight.dtype)
     rows = x.reshape(-1, x.shape[-1])
     rows_lora = None if x_lora is None else x_lora.reshape(-1, x.shape[-1])
     cast = None if x.dtype == dtype else _cast_once(x, dtype).reshape(-1, x.shape[-1])

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from tunesmith.methods.fused_lora import compute_dtype
+from tunesmith.methods.lora import LoRALinear
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -139,16 +142,13 @@ class FusedSwiGLU(torch.autograd.Function):
         return tuple(grads)
 
 
-def _fusable(layer: nn.Module, training: bool) -> bool:
-    """A LoRA layer (duck-typed: ``base_layer``, ``lora_A``, ``lora_B``) that is enabled, over a
-    frozen plain ``nn.Linear``, with no dropout to apply."""
-    base = getattr(layer, "base_layer", None)
+def _fusable(layer: nn.Module, device: str) -> bool:
+    """An enabled LoRA layer that a fused node can compute, with no dropout to apply."""
     return (
-        type(base) is nn.Linear
-        and getattr(layer, "enabled", False)
-        and not base.weight.requires_grad
-        and (base.bias is None or not base.bias.requires_grad)
-        and (not training or isinstance(layer.dropout, nn.Identity))
+        isinstance(layer, LoRALinear)
+        and layer.enabled
+        and layer.fusable(device)
+        and (not layer.training or isinstance(layer.dropout, nn.Identity))
     )
 
 
@@ -157,28 +157,33 @@ def hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    layers = [getattr(self, p) for p in PROJECTIONS]
-    if args or kwargs or any(hooked(m) for m in layers):
-        return type(self).forward(self, x, *args, **kwargs)
+def _node_inputs(mlp: nn.Module, x: torch.Tensor) -> tuple[list, list, tuple, torch.dtype] | None:
+    """The node's inputs for ``mlp`` (base weights and biases, LoRA matrices or Nones, scales,
+    compute dtype), or None where the module path must run."""
+    layers = [getattr(mlp, p) for p in PROJECTIONS]
     device = x.device.type
-    on = torch.is_autocast_enabled(device)
+    if any(hooked(m) for m in layers):
+        return None
     if all(type(m) is nn.Linear for m in layers):
-        weights = [m.weight for m in layers]
-        lora: list[torch.Tensor | None] = [None] * 6
-        if not on and any(w.dtype != x.dtype for w in weights):
-            return type(self).forward(self, x)  # the module path says what is wrong
-    elif all(_fusable(m, m.training) for m in layers):
-        weights = [m.base_layer.weight for m in layers]
+        if not torch.is_autocast_enabled(device) and any(m.weight.dtype != x.dtype for m in layers):
+            return None  # the module path says what is wrong
+        bases, lora = layers, [None] * 6
+    elif all(_fusable(m, device) for m in layers):
+        bases = [m.base_layer for m in layers]
         lora = [t for m in layers for t in (m.lora_A.weight, m.lora_B.weight)]
-        if not on and weights[0].dtype != lora[0].dtype:
-            return type(self).forward(self, x)  # a low-precision base without autocast
     else:
-        return type(self).forward(self, x)
-    dtype = torch.get_autocast_dtype(device) if on else weights[0].dtype
-    base = [t for m, w in zip(layers, weights) for t in (w, getattr(m, "base_layer", m).bias)]
+        return None
+    base = [t for m in bases for t in (m.weight, m.bias)]
     scales = tuple(float(getattr(m, "scaling", 1.0)) for m in layers)
-    with torch.autocast(device, enabled=False):
+    return base, lora, scales, compute_dtype(device, bases[0].weight.dtype)
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    inputs = None if args or kwargs else _node_inputs(self, x)
+    if inputs is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base, lora, scales, dtype = inputs
+    with torch.autocast(x.device.type, enabled=False):
         y = FusedSwiGLU.apply(x.reshape(-1, x.shape[-1]), *base, *lora, scales, dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
 

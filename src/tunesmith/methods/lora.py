@@ -99,6 +99,17 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def fusable(self, device: str) -> bool:
+        """Whether a fused node can compute this layer: over a plain ``nn.Linear`` that does not
+        train, in the autocast dtype or else the base's (over a bf16/fp16 base without autocast
+        the adapter must stay in its own float32)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not any(p.requires_grad for p in base.parameters())
+            and (torch.is_autocast_enabled(device) or base.weight.dtype == self.lora_A.weight.dtype)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if not self.enabled:
@@ -107,10 +118,7 @@ class LoRALinear(nn.Module):
             None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
         )
         a = self.lora_A.weight
-        frozen = type(base) is nn.Linear and not any(p.requires_grad for p in base.parameters())
-        # The fused node computes in the autocast dtype, or else in the base's dtype: over a
-        # bf16/fp16 base without autocast the adapter must stay in its own float32.
-        if frozen and (torch.is_autocast_enabled(x.device.type) or base.weight.dtype == a.dtype):
+        if self.fusable(x.device.type):
             return fused_lora(
                 x, dropped, base.weight, base.bias, a, self.lora_B.weight, self.scaling
             )
