@@ -15,6 +15,7 @@ from torch import nn
 from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.fused_lora import fuse_linear
 from tunesmith.methods.fused_mlp import fuse_swiglu
 from tunesmith.methods.fused_norm import fuse_rmsnorm
 
@@ -247,6 +248,7 @@ def apply_method(model: nn.Module, method: Any, head: str, tokenizer: Any) -> nn
             module.requires_grad_(True)
     fuse_swiglu(model)  # one autograd node per SwiGLU MLP, whatever the method made of it
     fuse_rmsnorm(model)  # and per RMSNorm
+    fuse_linear(model)  # plain linear layers share their input's cast under autocast
     return model
 
 

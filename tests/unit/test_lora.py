@@ -155,7 +155,7 @@ def test_fused_lora_under_bf16_autocast_keeps_adapter_grads_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = layer(x)
         assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
-        assert "FusedLoRA" in y.grad_fn.next_functions[0][0].name()  # the fused node ran
+        assert "FusedLinear" in y.grad_fn.next_functions[0][0].name()  # the fused node ran
         y.float().square().sum().backward()
         grads[bf16] = [layer.lora_A.weight.grad, layer.lora_B.weight.grad]
     for ref, low in zip(grads[False], grads[True]):
@@ -180,7 +180,7 @@ def test_lora_dropout_reaches_only_the_update():
         torch.manual_seed(1)
         if fused:
             y = layer(x)
-            assert "FusedLoRA" in y.grad_fn.next_functions[0][0].name()
+            assert "FusedLinear" in y.grad_fn.next_functions[0][0].name()
         else:
             y = base(x) + torch.nn.functional.dropout(x, 0.5) @ a.t() @ b.t() * 0.5
         y.backward(upstream)
@@ -235,7 +235,7 @@ def test_low_precision_base_without_autocast_keeps_the_adapter_in_fp32():
     torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
     x = torch.randn(5, 32, dtype=torch.bfloat16)
     y = layer(x)
-    assert y.dtype == torch.bfloat16 and "FusedLoRA" not in str(y.grad_fn)
+    assert y.dtype == torch.bfloat16 and "FusedLinear" not in str(y.grad_fn)
     a, b = layer.lora_A.weight, layer.lora_B.weight
     update = (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
     torch.testing.assert_close(y, base(x) + update)

@@ -1,5 +1,6 @@
-"""One autograd node for a LoRA layer over a frozen linear layer: the base product, the low-rank
-update and their sum in three matrix products forward and four backward, in the compute dtype.
+"""One autograd node for a linear layer, plain or with a LoRA update over a frozen base (Hu et al.
+2021, arXiv 2106.09685): the base product, the low-rank update and their sum in three matrix
+products forward and four backward, in the compute dtype.
 
 For ``x`` of shape (N, d_in), frozen ``W`` (d_out, d_in) and bias ``b``, trainable ``A`` (r, d_in)
 and ``B`` (d_out, r), scale ``s`` and the LoRA branch's input ``x'`` (``x`` itself, or
@@ -28,6 +29,10 @@ Under autocast the products run in the autocast dtype (bf16): ``x``, ``W``, ``A`
 cast once each, the gradients of ``A`` and ``B`` come back in their own dtype (float32), as
 autocast's casts would give them. Layers that read the same tensor one after another (q, k and
 v) share one cast of it: the nodes keep one bf16 copy of the attention input instead of three.
+``fuse_linear`` runs every plain ``nn.Linear`` (full fine-tuning's q, k and v; ``W`` and ``b``
+then train, ``dL/dW = g^T x`` and ``dL/db`` = column sums of ``g``) through the same node for
+that sharing. The node keeps ``W`` itself, not its bf16 copy, and casts it again in the backward
+pass: a cast per layer and step more, and no copy of every weight held from forward to backward.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ import weakref
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
+
+from tunesmith.methods.fusing import hooked, install_forward
 
 _last_cast: tuple[weakref.ref, int, torch.dtype, weakref.ref] | None = None
 
@@ -60,8 +68,9 @@ def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-class FusedLoRA(torch.autograd.Function):
-    """``y = x W^T + b + s (x' A^T) B^T`` with ``W`` and ``b`` frozen (see the module doc)."""
+class FusedLinear(torch.autograd.Function):
+    """``y = x W^T + b (+ s (x' A^T) B^T)`` (see the module doc); ``W`` and ``b`` train or not,
+    the LoRA branch is optional."""
 
     @staticmethod
     def forward(
@@ -71,38 +80,47 @@ class FusedLoRA(torch.autograd.Function):
         x_lora: torch.Tensor | None,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
         x2 = x if x_cast is None else x_cast  # (N, d_in): callers pass 2-D rows
         x2 = x2.to(dtype)
-        xl = x2 if x_lora is None else x_lora.to(dtype)
-        w, a = weight.to(dtype), lora_a.to(dtype)
-        sb = (lora_b * scaling).to(dtype)
-        h = xl @ a.t()
+        w = weight.to(dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-        y.addmm_(h, sb.t())
-        ctx.save_for_backward(xl, h, w, a, sb)
-        ctx.scaling, ctx.separate = scaling, x_lora is not None
+        xl = h = a = sb = None
+        if lora_a is not None and lora_b is not None:
+            xl = x2 if x_lora is None else x_lora.to(dtype)
+            a, sb = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+            h = xl @ a.t()
+            y.addmm_(h, sb.t())
+        # The weight is kept as it is (no copy) and cast again in the backward pass: one (d_out,
+        # d_in) cast more per step instead of a compute-dtype copy of every weight held from the
+        # forward to the backward pass. The input is kept only if the weight trains.
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight, xl, h, a, sb)
+        ctx.scaling, ctx.separate, ctx.dtype = scaling, x_lora is not None, dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xl, h, w, a, sb = ctx.saved_tensors
-        g = grad.to(w.dtype)
-        gh = g @ sb  # (N, r): the gradient at h
+        x2, weight, xl, h, a, sb = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        w = weight.to(ctx.dtype)
+        g = grad.to(ctx.dtype)
+        gh = None if sb is None else g @ sb  # (N, r): the gradient at h
         dx = dx_lora = None
         if ctx.separate:
-            dx_lora = gh @ a if ctx.needs_input_grad[2] else None
-            dx = g @ w if ctx.needs_input_grad[0] else None
-        elif ctx.needs_input_grad[0]:
-            dx = torch.addmm(gh @ a, g, w)
-        da = gh.t() @ xl if ctx.needs_input_grad[5] else None
-        db = (g.t() @ h) * ctx.scaling if ctx.needs_input_grad[6] else None
-        return dx, None, dx_lora, None, None, da, db, None, None
+            dx_lora = gh @ a if need[2] else None
+            dx = g @ w if need[0] else None
+        elif need[0]:
+            dx = g @ w if gh is None else torch.addmm(gh @ a, g, w)
+        dw = g.t() @ x2 if need[3] else None
+        db = g.sum(0) if need[4] else None
+        da = gh.t() @ xl if need[5] else None
+        dbl = (g.t() @ h) * ctx.scaling if need[6] else None
+        return dx, None, dx_lora, dw, db, da, dbl, None, None
 
 
 def compute_dtype(device: str, weight_dtype: torch.dtype) -> torch.dtype:
@@ -111,6 +129,25 @@ def compute_dtype(device: str, weight_dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight_dtype
+
+
+def _apply(
+    x: torch.Tensor,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    device = x.device.type
+    dtype = compute_dtype(device, weight.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    rows_lora = None if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+    cast = None if x.dtype == dtype else _cast_once(x, dtype).reshape(-1, x.shape[-1])
+    with torch.autocast(device, enabled=False):
+        y = FusedLinear.apply(rows, cast, rows_lora, weight, bias, lora_a, lora_b, scaling, dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def fused_lora(
@@ -125,11 +162,24 @@ def fused_lora(
     """``x W^T + b + s (x_lora A^T) B^T`` (``x_lora`` None: ``x``) as one autograd node, in the
     autocast dtype when autocast is on, else in ``weight``'s dtype. The node works on 2-D rows and
     the result is reshaped outside it, so in-place operations on the output stay allowed."""
+    return _apply(x, x_lora, weight, bias, lora_a, lora_b, scaling)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A plain ``nn.Linear`` as the node where autocast would cast its input or weight (q, k and
+    v then share one copy of their input, and no copy of the weight is kept for the backward
+    pass); its own forward everywhere else."""
     device = x.device.type
-    dtype = compute_dtype(device, weight.dtype)
-    rows = x.reshape(-1, x.shape[-1])
-    rows_lora = None if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-    cast = None if x.dtype == dtype else _cast_once(x, dtype).reshape(-1, x.shape[-1])
-    with torch.autocast(device, enabled=False):
-        y = FusedLoRA.apply(rows, cast, rows_lora, weight, bias, lora_a, lora_b, scaling, dtype)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    if not torch.is_autocast_enabled(device) or hooked(self):
+        return nn.Linear.forward(self, x)
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype and self.weight.dtype == dtype:
+        return nn.Linear.forward(self, x)
+    return _apply(x, None, self.weight, self.bias, None, None, 1.0)
+
+
+def fuse_linear(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` but its output embedding (whose input the
+    objectives handle themselves) run as the node under autocast; returns how many have it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return install_forward(model, _linear_forward, lambda m: type(m) is nn.Linear and m is not head)

@@ -33,8 +33,6 @@ dropout take the module-by-module path).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +41,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from tunesmith.methods.fused_lora import compute_dtype
+from tunesmith.methods.fusing import agrees, hooked, install_forward
 from tunesmith.methods.lora import LoRALinear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -84,7 +83,7 @@ class FusedSwiGLU(torch.autograd.Function):
                 inp.mul_(outs[1])
             w2 = w.to(dtype)
             out = inp @ w2.t() if b is None else torch.addmm(b.to(dtype), inp, w2.t())
-            saved.append(w2)
+            saved.append(w)  # cast again in the backward pass rather than kept as a copy
             if lora:
                 a2, sb = a.to(dtype), (lb * s).to(dtype)
                 h_lora = inp @ a2.t()  # (N, r)
@@ -92,7 +91,7 @@ class FusedSwiGLU(torch.autograd.Function):
                 saved += [a2, sb, h_lora]
             outs.append(out)
         ctx.save_for_backward(x2, outs[0], outs[1], *saved)
-        ctx.scales, ctx.lora = scales, lora
+        ctx.scales, ctx.lora, ctx.dtype = scales, lora, dtype
         return outs[2]
 
     @staticmethod
@@ -102,6 +101,7 @@ class FusedSwiGLU(torch.autograd.Function):
         need, lora = ctx.needs_input_grad, ctx.lora
         per = 4 if lora else 1  # saved tensors per projection: W (and A, s B, x A^T)
         (w_g, *l_g), (w_u, *l_u), (w_d, *l_d) = (saved[i : i + per] for i in (0, per, 2 * per))
+        w_g, w_u, w_d = (w.to(ctx.dtype) for w in (w_g, w_u, w_d))
         grads: list[torch.Tensor | None] = [None] * 15
         g = grad.to(w_d.dtype)
         silu_a = F.silu(a)
@@ -152,11 +152,6 @@ def _fusable(layer: nn.Module, device: str) -> bool:
     )
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether forward hooks are registered on ``module`` (a fused node would skip them)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _node_inputs(mlp: nn.Module, x: torch.Tensor) -> tuple[list, list, tuple, torch.dtype] | None:
     """The node's inputs for ``mlp`` (base weights and biases, LoRA matrices or Nones, scales,
     compute dtype), or None where the module path must run."""
@@ -188,36 +183,6 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def agrees(module: nn.Module, formula: Callable[[torch.Tensor], torch.Tensor], width: int) -> bool:
-    """Whether ``module``'s own forward gives what ``formula`` gives on a probe input, in eval
-    mode and in training mode (each side from the same random state, so dropout the formula
-    also applies draws the same, and dropout only the module applies tells them apart)."""
-    weights = list(module.parameters())
-    if not weights or any(p.is_meta for p in weights):
-        return False
-    w = weights[0]
-    rng = torch.Generator(w.device).manual_seed(0)  # the global generator stays untouched
-    probe = torch.randn(2, width, generator=rng, device=w.device).to(w.dtype)
-    modes = {m: m.training for m in module.modules()}
-    devices = [w.device] if w.device.type == "cuda" else []
-    try:
-        for training in (False, True):
-            module.train(training)
-            got = []
-            for fn in (lambda p: type(module).forward(module, p), formula):
-                with torch.no_grad(), torch.random.fork_rng(devices):
-                    torch.manual_seed(0)
-                    got.append(fn(probe))
-            if got[0].shape != got[1].shape or not torch.allclose(*got, rtol=1e-4, atol=1e-5):
-                return False
-        return True
-    except Exception:  # a forward that needs more than one tensor is not this module
-        return False
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
 def is_swiglu(mlp: nn.Module) -> bool:
     """Whether ``mlp`` computes ``down_proj(silu(gate_proj(x)) * up_proj(x))``: it has the three
     projections and a SiLU ``act_fn``, and its own forward agrees with that formula on a probe
@@ -228,23 +193,6 @@ def is_swiglu(mlp: nn.Module) -> bool:
         return False
     gate, up, down = (getattr(mlp, p) for p in PROJECTIONS)
     return agrees(mlp, lambda x: down(F.silu(gate(x)) * up(x)), gate.weight.shape[1])
-
-
-def install_forward(
-    model: nn.Module, forward: Callable[..., torch.Tensor], applies: Callable[[nn.Module], bool]
-) -> int:
-    """Make ``forward`` the forward of every module of ``model`` for which ``applies`` holds
-    (once: a module that has it already counts; never over another instance-level forward, such
-    as a dispatch hook's); returns how many modules have it."""
-    count = 0
-    for module in model.modules():
-        own = module.__dict__.get("forward")
-        done = getattr(own, "func", None) is forward
-        if not done and own is None and applies(module):
-            module.forward = functools.partial(forward, module)  # picklable, unlike a method
-            done = True
-        count += done
-    return count
 
 
 def fuse_swiglu(model: nn.Module) -> int:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tunesmith.methods.fused_mlp import agrees, install_forward
+from tunesmith.methods.fusing import agrees, install_forward
 
 
 class FusedRMSNorm(torch.autograd.Function):
