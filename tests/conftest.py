@@ -30,6 +30,25 @@ def qwen2_tokenizer():
     return tok
 
 
+def small_decoder(cls, seed: int = 0, **overrides):
+    """A random two-layer decoder of ``cls`` (Llama, Qwen2, ...): vocabulary 64, hidden 32, four
+    query heads over two key/value heads (grouped-query attention)."""
+    config_class = cls.config_class
+    torch.manual_seed(seed)
+    cfg = config_class(
+        **{
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            **overrides,
+        }
+    )
+    return cls(cfg)
+
+
 def _save_tiny(kind: str, path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -15,6 +15,7 @@ from torch import nn
 from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.fused_attention import fuse_attention
 from tunesmith.methods.fused_lora import fuse_linear
 from tunesmith.methods.fused_mlp import fuse_swiglu
 from tunesmith.methods.fused_norm import fuse_rmsnorm
@@ -216,6 +217,8 @@ def load_model(
     if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
         for name in model.tunesmith_fresh:
             model.get_submodule(name).tunesmith_head = True
+    # every model a run loads (policy, reference, teacher, reward model) computes attention alike
+    fuse_attention(model)  # causal attention over query blocks on CPU, sdpa elsewhere
     return model.to(device)
 
 

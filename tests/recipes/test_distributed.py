@@ -32,6 +32,7 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 
 import tunesmith
+import tunesmith.models
 from tunesmith.data.batching import Batches
 from tunesmith.data.tokenize import Example
 from tunesmith.errors import DataError, TunesmithError
@@ -580,18 +581,28 @@ def test_rl_save_on_two_resume_on_one_or_two(llama, pc_data, rl_reward, tmp_path
         assert_same_rl(whole, out)
 
 
-def test_compiled_layers_under_ddp_equal_one_eager_process(llama, pc_data, tmp_path):
+def eager_with_sdpa(monkeypatch) -> None:
+    """Compiled layers run ``sdpa`` (the block-causal node steps aside under compile), so the
+    eager process they are compared with does too: the comparison is of compiling, not of two
+    attention kernels, whose last bits differ and which Adam amplifies on near-zero gradients
+    (see ``assert_same``)."""
+    monkeypatch.setattr(tunesmith.models, "fuse_attention", lambda model: False)
+
+
+def test_compiled_layers_under_ddp_equal_one_eager_process(llama, pc_data, tmp_path, monkeypatch):
     """``train.compile`` compiles each rank's layers after DDP wraps the model (about 50 s)."""
     cfg = config(llama, pc_data, tmp_path / "ddp", strategy="ddp", compile=True)
     assert launch(cfg) == {0: "ok", 1: "ok"}
+    eager_with_sdpa(monkeypatch)
     tunesmith.train(config(llama, pc_data, tmp_path / "one", batch_size=4))
     assert_same(tmp_path / "one", tmp_path / "ddp")
 
 
 @pytest.mark.slow
-def test_compiled_layers_under_fsdp_equal_one_eager_process(llama, pc_data, tmp_path):
+def test_compiled_layers_under_fsdp_equal_one_eager_process(llama, pc_data, tmp_path, monkeypatch):
     """... and after FSDP2 has sharded each layer."""
     cfg = config(llama, pc_data, tmp_path / "fsdp", strategy="fsdp", compile=True)
     assert launch(cfg) == {0: "ok", 1: "ok"}
+    eager_with_sdpa(monkeypatch)
     tunesmith.train(config(llama, pc_data, tmp_path / "one", batch_size=4))
     assert_same(tmp_path / "one", tmp_path / "fsdp")

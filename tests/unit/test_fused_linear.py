@@ -4,8 +4,9 @@ weights, cast again in the backward pass instead of kept as copies."""
 import pickle
 
 import torch
+from conftest import small_decoder
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from tunesmith.methods import build_method, method_config
 from tunesmith.methods.fused_lora import FusedLinear, fuse_linear
@@ -15,17 +16,7 @@ BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
 
 def small_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-    )
-    return LlamaForCausalLM(cfg)
+    return small_decoder(LlamaForCausalLM, attention_bias=True)
 
 
 def grads_of(layer: nn.Linear, x: torch.Tensor, upstream: torch.Tensor, fused: bool) -> list:

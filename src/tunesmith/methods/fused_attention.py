@@ -1,0 +1,225 @@
+"""Causal attention for short rows on CPU, as one autograd node of batched matrix products over
+query blocks (the recomputing backward of FlashAttention, Dao et al. 2022, arXiv 2205.14135,
+with whole key rows per block instead of an online softmax).
+
+For one head, queries ``Q`` (T, d), keys ``K`` and values ``V`` (T, d), scale ``c`` and the
+causal mask ``M`` (``M_ij`` true where ``j <= i``, and the key is not padding):
+
+    S = c Q K^T,   S_ij = -inf where not M_ij
+    P = softmax(S) row by row,   L = log(sum_j exp S_ij)   (the row's log-sum-exp)
+    O = P V
+
+and, for the upstream gradient ``dO``, with ``D_i = sum_k dO_ik O_ik``:
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ = c dS K,   dK = c dS^T Q
+
+Only ``Q``, ``K``, ``V``, ``O`` and ``L`` are kept for the backward pass (as the flash kernels
+keep them); ``P`` is recomputed there from ``S`` and ``L``.
+
+Why: PyTorch's CPU flash kernel works in key blocks of 512, so below ~512 tokens it computes
+every query against every key, masked, with small per-head products. Here the queries of one
+block of ``BLOCK`` positions meet only the keys up to the block's end (about half the work of
+the full square on long rows), the query heads that share a key/value head (grouped-query
+attention) are stacked into one product, and all rows and heads go through one batched product
+per step. Scores and the softmax are computed in float32 (float64 for float64 inputs), ``P`` and
+``dS`` are rounded to the inputs' dtype (bf16) for their products, as the flash kernel does.
+Measured (``bench/IDEAS.md``): 8 rows x 427 tokens x 8 heads (2 KV heads) x 64, bf16, 2 cores:
+forward and backward ~1.3x faster than the flash kernel; it is slower past ~1,024 tokens, where
+the flash kernel skips key blocks itself, so longer rows keep it.
+
+``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
+call takes this node where it applies (CPU, causal self-attention without a cache, no dropout,
+no soft-capping, sliding window or attention sinks, a boolean mask that is causal, rows up to
+``MAX_TOKENS``), and ``sdpa`` everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+NAME = "tunesmith_sdpa"  # the name it is registered under with transformers
+BLOCK = 64  # query positions per block
+MAX_TOKENS = 1024  # longer rows: the flash kernel is faster
+
+
+def _blocks(length: int) -> list[tuple[int, int]]:
+    return [(s, min(s + BLOCK, length)) for s in range(0, length, BLOCK)]
+
+
+def _scores(
+    q_block: torch.Tensor, keys: torch.Tensor, blocked: torch.Tensor | None, s: int, batch: int
+) -> torch.Tensor:
+    """``c Q K^T`` for the query block starting at ``s``, (B*Hkv, g, n, e), with -inf where
+    masked: the causal triangle of its diagonal part, or ``blocked`` (True where forbidden)."""
+    bh, g, n = q_block.shape[0], q_block.shape[1], q_block.shape[2]
+    e = keys.shape[1]
+    scores = torch.bmm(q_block.reshape(bh, g * n, -1), keys.transpose(1, 2)).view(bh, g, n, e)
+    if blocked is None:
+        upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
+        scores[..., s:e].masked_fill_(upper, float("-inf"))
+    else:  # (B or 1, 1, n, e) -> over (B, Hkv, g, n, e)
+        forbidden = blocked[:, :, s:e, :e].unsqueeze(2)
+        scores.view(batch, -1, g, n, e).masked_fill_(forbidden, float("-inf"))
+    return scores
+
+
+class BlockCausalAttention(torch.autograd.Function):
+    """Causal attention over query blocks (see the module doc). ``q`` (B, H, T, d), ``k`` and
+    ``v`` (B, Hkv, T, d), ``blocked`` None or bool (B or 1, 1, T, T), True where a query may not
+    see a key; returns (B, T, H, d)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        blocked: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qs = (q.to(acc) * scale).reshape(b * hkv, g, t, d)  # scores in float32
+        ks = k.to(acc).reshape(b * hkv, t, d)
+        vs = v.contiguous().reshape(b * hkv, t, d)
+        out = q.new_empty(b, t, h, d)  # the layout the caller reads: no copy after
+        o_view = out.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4)
+        lse = torch.empty(b * hkv, g, t, 1, dtype=acc, device=q.device)
+        for s, e in _blocks(t):
+            n = e - s
+            scores = _scores(qs[:, :, s:e], ks[:, :e], blocked, s, b)
+            top = scores.amax(-1, keepdim=True)
+            empty = torch.isinf(top)  # rows that see no key (padding): output 0
+            top.masked_fill_(empty, 0.0)
+            p = scores.sub_(top).exp_()
+            total = p.sum(-1, keepdim=True)
+            lse[:, :, s:e] = torch.where(empty, float("inf"), top + total.log())
+            block = torch.bmm(p.to(q.dtype).view(b * hkv, g * n, e), vs[:, :e])
+            block = block.view(b * hkv, g, n, d) / total.clamp_min(1e-30).to(q.dtype)
+            o_view[:, :, :, s:e] = block.view(b, hkv, g, n, d)
+        ctx.save_for_backward(q, k, vs, out, lse, blocked)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, vs, out, lse, blocked = ctx.saved_tensors
+        scale = ctx.scale
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        acc = lse.dtype
+        qs = (q.to(acc) * scale).reshape(b * hkv, g, t, d)
+        q_low = q.reshape(b * hkv, g, t, d)
+        ks = k.to(acc).reshape(b * hkv, t, d)
+        k_low = k.reshape(b * hkv, t, d)
+        grad = grad.to(q.dtype)
+        d_out = grad.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b * hkv, g, t, d)
+        rows = (grad.to(acc) * out.to(acc)).sum(-1)  # D (B, T, H)
+        rows = rows.view(b, t, hkv, g).permute(0, 2, 3, 1).reshape(b * hkv, g, t, 1)
+        dq = torch.empty(b * hkv, g, t, d, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(b * hkv, t, d, dtype=acc, device=q.device)
+        dv = torch.zeros(b * hkv, t, d, dtype=acc, device=q.device)
+        for s, e in _blocks(t):
+            n = e - s
+            do_block = d_out[:, :, s:e].reshape(b * hkv, g * n, d)
+            p = _scores(qs[:, :, s:e], ks[:, :e], blocked, s, b).sub_(lse[:, :, s:e]).exp_()
+            dv[:, :e] += torch.bmm(p.to(q.dtype).view(b * hkv, g * n, e).transpose(1, 2), do_block)
+            dp = torch.bmm(do_block, vs[:, :e].transpose(1, 2)).view(b * hkv, g, n, e)
+            ds = torch.sub(dp, rows[:, :, s:e]).mul_(p).to(q.dtype).view(b * hkv, g * n, e)
+            dq[:, :, s:e] = torch.bmm(ds, k_low[:, :e]).view(b * hkv, g, n, d)
+            dk[:, :e] += torch.bmm(ds.transpose(1, 2), q_low[:, :, s:e].reshape(b * hkv, g * n, d))
+        dq = dq.mul_(scale).view(b, h, t, d)
+        dk = (dk * scale).to(k.dtype).view(b, hkv, t, d)
+        return dq, dk, dv.to(k.dtype).view(b, hkv, t, d), None, None
+
+
+def _blocked_mask(mask: torch.Tensor | None, length: int) -> tuple[bool, torch.Tensor | None]:
+    """(whether the node can take ``mask``, the mask as True-where-forbidden or None)."""
+    if mask is None:
+        return True, None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return False, None
+    if tuple(mask.shape[-2:]) != (length, length):
+        return False, None
+    if mask.triu(1).any():  # a query may see a later key: not causal, blocks would skip it
+        return False, None
+    return True, ~mask
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: this node where it applies, ``sdpa``
+    elsewhere (see the module doc)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    ok = (
+        causal
+        and query.device.type == "cpu"
+        and not torch.compiler.is_compiling()  # a graph per row length: sdpa's shapes stay dynamic
+        and not (dropout and module.training)
+        and 1 < length <= MAX_TOKENS
+        and key.shape[2] == length
+        and query.shape[1] % key.shape[1] == 0
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and (torch.is_autocast_enabled("cpu") or query.dtype == key.dtype == value.dtype)
+        and all(kwargs.get(k) is None for k in ("softcap", "sliding_window", "s_aux"))
+        and not kwargs.get("output_attentions", False)
+        and kwargs.get("position_bias") is None
+    )
+    if ok:
+        ok, blocked = _blocked_mask(attention_mask, length)
+    if not ok:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # as SDPA under autocast: all three in the autocast dtype (RoPE leaves q and k in float32)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    with torch.autocast("cpu", enabled=False):
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        out = BlockCausalAttention.apply(query, key, value, blocked, scale)
+    return out, None
+
+
+def register() -> None:
+    """Register the attention function and its mask (``sdpa``'s) with transformers, once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def fuse_attention(model: nn.Module) -> bool:
+    """Make the node the attention of ``model`` (the transformers model in it, under any wrapper)
+    where that uses ``sdpa``: its attention calls then take the node where it applies, ``sdpa``
+    elsewhere. Returns whether the model has it. The saved config is unaffected (transformers
+    does not write the attention implementation into ``config.json``)."""
+    root = next((m for m in model.modules() if hasattr(m, "set_attn_implementation")), None)
+    current = getattr(getattr(root, "config", None), "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if root is None or current != "sdpa":
+        return False
+    register()
+    root.set_attn_implementation(NAME)
+    return root.config._attn_implementation == NAME

@@ -1,0 +1,171 @@
+"""Causal attention over query blocks (methods/fused_attention.py) against PyTorch's
+``scaled_dot_product_attention`` and against a model that uses ``sdpa``."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_decoder
+from transformers import Qwen2ForCausalLM
+
+from tunesmith.methods import fused_attention
+from tunesmith.methods.fused_attention import BlockCausalAttention, fuse_attention
+
+F64 = {"dtype": torch.float64}
+
+
+def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float64, seed=0):
+    """q, k, v as transformers hands them over: (B, H, T, d) views of (B, T, H, d) tensors."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, dim, generator=g, dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, length, kv_heads, dim, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(batch, length, kv_heads, dim, generator=g, dtype=dtype).transpose(1, 2)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def padding_mask(lengths, length):
+    """transformers' boolean mask for right-padded rows: causal and not padding, (B, 1, T, T)."""
+    real = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    return torch.ones(length, length, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+
+
+@pytest.mark.parametrize("length", [1 + 1, 37, 64, 150])
+@pytest.mark.parametrize("padded", [False, True])
+def test_node_equals_sdpa_with_gradients(length, padded):
+    """Output and the gradients of q, k and v equal SDPA's in float64 (grouped-query heads, rows
+    shorter and longer than a block, right padding; padded query rows are not compared)."""
+    q, k, v = qkv(3, 4, 2, length, 8)
+    mask = padding_mask([length, max(1, length // 2), 1], length) if padded else None
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+    ).transpose(1, 2)
+    got = BlockCausalAttention.apply(q, k, v, None if mask is None else ~mask, 8**-0.5)
+    real = torch.ones(3, length, 1, 1)
+    if padded:
+        real = mask[:, 0].diagonal(dim1=1, dim2=2)[:, :, None, None].to(F64["dtype"])
+    upstream = torch.randn(got.shape, **F64) * real
+    torch.testing.assert_close(got * real, ref * real, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad((got * upstream).sum(), (q, k, v))
+    theirs = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_node_passes_gradcheck():
+    q, k, v = qkv(1, 2, 1, 70, 4)  # two blocks
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, 0.5), (q, k, v)
+    )
+
+
+def test_rows_that_see_no_key_give_zero_not_nan():
+    """Left padding: the first query rows see no key. They come out as zeros, and nothing else
+    turns NaN (forward or backward)."""
+    q, k, v = qkv(2, 2, 2, 9, 4)
+    real = torch.arange(9)[None, :] >= torch.tensor([0, 4])[:, None]
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+    out = BlockCausalAttention.apply(q, k, v, ~mask, 0.5)
+    assert torch.isfinite(out).all() and out[1, :4].abs().max() == 0
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_bf16_close_to_sdpa():
+    """In bf16 the node rounds where the flash kernel rounds: P and dS for their products."""
+    q, k, v = qkv(4, 8, 2, 200, 64, dtype=torch.bfloat16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    got = BlockCausalAttention.apply(q, k, v, None, 64**-0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.02, atol=0.02)
+    upstream = torch.randn(got.shape).bfloat16()
+    ours = torch.autograd.grad((got.float() * upstream).sum(), (q, k, v))
+    theirs = torch.autograd.grad((ref.float() * upstream).sum(), (q, k, v))
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.abs().max())
+
+
+def qwen2(seed=0):
+    model = small_decoder(Qwen2ForCausalLM, seed)
+    model.set_attn_implementation("sdpa")
+    return model.double()
+
+
+def test_model_with_the_node_equals_sdpa_model(monkeypatch, tmp_path):
+    """A Qwen2 model's loss, logits on real tokens and every gradient equal the ``sdpa`` model's,
+    with right padding; the node ran in every layer; greedy generation (a cache: ``sdpa``) is
+    unchanged; the saved config names no tunesmith attention."""
+    model = qwen2()
+    reference = copy.deepcopy(model)
+    assert fuse_attention(model) and model.config._attn_implementation == fused_attention.NAME
+    assert reference.config._attn_implementation == "sdpa"
+    calls = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = {}
+    for name, m in (("node", model), ("sdpa", reference)):
+        res = m(input_ids=ids, attention_mask=mask, labels=labels)
+        res.loss.backward()
+        out[name] = (res.loss, res.logits * mask[..., None])
+    assert len(calls) == 2  # both layers
+    torch.testing.assert_close(out["node"], out["sdpa"], rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    prompt = ids[:1, :5]
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    assert torch.equal(model.generate(prompt, **kw), reference.generate(prompt, **kw))
+    model.save_pretrained(tmp_path)
+    assert fused_attention.NAME not in (tmp_path / "config.json").read_text()
+    assert "_attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_sdpa_runs_where_the_node_does_not_apply(monkeypatch):
+    """A mask that lets a query see a later key, dropout in training, rows past MAX_TOKENS, and
+    a model not on ``sdpa`` all keep SDPA's result."""
+    calls = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    model = qwen2()
+    fuse_attention(model)
+    attn = model.model.layers[0].self_attn
+    q, k, v = qkv(1, 4, 2, 12, 8)
+    bidirectional = torch.ones(1, 1, 12, 12, dtype=torch.bool)
+    got, _ = fused_attention.attention_forward(attn, q, k, v, bidirectional)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, ref)
+    attn.train()
+    fused_attention.attention_forward(attn, q, k, v, None, dropout=0.1)
+    monkeypatch.setattr(fused_attention, "MAX_TOKENS", 8)
+    fused_attention.attention_forward(attn, q, k, v, None)
+    assert calls == []
+    monkeypatch.setattr(fused_attention, "MAX_TOKENS", 1024)
+    fused_attention.attention_forward(attn, q, k, v, None)
+    assert calls == [1]
+    eager = qwen2()
+    eager.set_attn_implementation("eager")
+    assert not fuse_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_under_autocast_as_sdpa_under_autocast():
+    """Under bf16 autocast, q and k come out of RoPE in float32 and v in bf16: the node takes
+    all three in bf16, as SDPA does under autocast, and the model's loss stays close."""
+    model = qwen2().float()
+    reference = copy.deepcopy(model)
+    fuse_attention(model)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for m in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-2)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.1, atol=0.1 * q.grad.abs().max())
