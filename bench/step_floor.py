@@ -7,14 +7,15 @@ the step's exact shapes in the precision ``train.precision: auto`` picks here:
 
 - every linear layer's forward product, its input-gradient product, and (for ``full``) its
   weight-gradient product; LoRA adds its rank-r products;
-- attention forward and backward (``scaled_dot_product_attention``, causal), per layer;
+- attention forward and backward, per layer: the faster of PyTorch's causal
+  ``scaled_dot_product_attention`` (the CPU flash kernel) and tunesmith's block-causal node
+  (``methods/fused_attention.py``), both with the model's grouped key/value heads;
 - the LM head's products over the whole vocabulary at every position (tunesmith computes
   only supervised positions, so its step can undercut this term);
 
-and then a whole tunesmith SFT step (objective, backward, optimiser) on the same batch. A tool
-whose step is the same arithmetic (TRL + PEFT on the same model) cannot beat the floor either,
-so ``step / floor`` bounds the speed-up left to win by kernels, and the peer's padding and
-elementwise work is all that separates the two.
+and then a whole tunesmith SFT step (objective, backward, optimiser; the fused nodes a run
+installs) on the same batch. A tool whose step is the same arithmetic with the same kernels
+cannot beat the floor, so ``step / floor`` bounds the speed-up left to win by kernels.
 
     OMP_NUM_THREADS=2 python bench/step_floor.py --workload short --method lora
 """
@@ -57,6 +58,10 @@ def main() -> None:
 
     from tunesmith.data.batching import Batch
     from tunesmith.methods import build_method, method_config
+    from tunesmith.methods.fused_attention import BlockCausalAttention, fuse_attention
+    from tunesmith.methods.fused_lora import fuse_linear
+    from tunesmith.methods.fused_mlp import fuse_swiglu
+    from tunesmith.methods.fused_norm import fuse_rmsnorm
     from tunesmith.objectives.sft import SFTObjective
     from tunesmith.training.memory import set_cpu_malloc
     from tunesmith.training.precision import autocast, resolve_precision
@@ -96,12 +101,20 @@ def main() -> None:
 
     linear = sum(products(d_in, d_out) for d_in, d_out in shapes)
     linear *= cfg.num_hidden_layers
+    kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
     q = rand(rows, cfg.num_attention_heads, length, head_dim).requires_grad_()
-    k = rand(rows, cfg.num_attention_heads, length, head_dim).requires_grad_()
-    v = rand(rows, cfg.num_attention_heads, length, head_dim).requires_grad_()
-    attention = cfg.num_hidden_layers * best(
-        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-    )
+    k = rand(rows, kv_heads, length, head_dim).requires_grad_()
+    v = rand(rows, kv_heads, length, head_dim).requires_grad_()
+    kernels = {
+        "flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "block-causal node": lambda: BlockCausalAttention.apply(q, k, v, None, head_dim**-0.5),
+    }
+    per_kernel = {
+        name: cfg.num_hidden_layers * best(lambda f=f: f().sum().backward())
+        for name, f in kernels.items()
+    }
+    fastest = min(per_kernel, key=per_kernel.get)
+    attention = per_kernel[fastest]
     hidden, emb, gl = rand(n, cfg.hidden_size), rand(cfg.vocab_size, cfg.hidden_size), None
     gl = rand(n, cfg.vocab_size)
     head = best(lambda: hidden @ emb.t()) + best(lambda: gl @ emb)
@@ -110,6 +123,8 @@ def main() -> None:
         method_config("lora", rank=16, alpha=32) if lora else method_config("full")
     )
     model = method.apply(model)
+    for fuse in (fuse_swiglu, fuse_rmsnorm, fuse_linear, fuse_attention):  # as a run does
+        fuse(model)
     model.train()
     params = [p for _, p in method.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -136,6 +151,9 @@ def main() -> None:
     floor = linear + attention + head
     print(
         f"== {a.workload}, {a.method}, {rows} rows x {length} tokens, precision {precision}\n"
+        f"  attention per step: "
+        + ", ".join(f"{name} {t:.3f} s" for name, t in per_kernel.items())
+        + f"; the floor takes {fastest}\n"
         f"  linear layers {linear:.3f} s + attention {attention:.3f} s + LM head {head:.3f} s"
         f" = floor {floor:.3f} s per step\n"
         f"  tunesmith step {seconds:.3f} s = {seconds / floor:.2f}x the floor "
