@@ -169,3 +169,34 @@ def test_under_autocast_as_sdpa_under_autocast():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-2)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0.1, atol=0.1 * q.grad.abs().max())
+
+
+def test_encoders_keep_sdpa_and_long_windows_take_the_node(monkeypatch):
+    """A BERT encoder (no causal attention) is left on ``sdpa``; a sliding window at least as
+    long as the row changes nothing, so the node runs; a shorter one keeps SDPA."""
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(
+        BertConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            attn_implementation="sdpa",
+        )
+    )
+    assert not fuse_attention(bert) and bert.config._attn_implementation == "sdpa"
+    calls = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    model = qwen2()
+    fuse_attention(model)
+    attn = model.model.layers[0].self_attn
+    q, k, v = qkv(1, 4, 2, 12, 8)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    long, _ = fused_attention.attention_forward(attn, q, k, v, None, sliding_window=12)
+    assert calls == [1]
+    torch.testing.assert_close(long, ref)
+    fused_attention.attention_forward(attn, q, k, v, None, sliding_window=4)
+    assert calls == [1]

@@ -29,8 +29,9 @@ the flash kernel skips key blocks itself, so longer rows keep it.
 
 ``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
 call takes this node where it applies (CPU, causal self-attention without a cache, no dropout,
-no soft-capping, sliding window or attention sinks, a boolean mask that is causal, rows up to
-``MAX_TOKENS``), and ``sdpa`` everywhere else.
+no soft-capping or attention sinks, no sliding window shorter than the row, a boolean mask that
+is causal, rows up to ``MAX_TOKENS``), and ``sdpa`` everywhere else. Encoders (no module
+declares ``is_causal``) keep ``sdpa``.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def attention_forward(
         and query.shape[1] % key.shape[1] == 0
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and (torch.is_autocast_enabled("cpu") or query.dtype == key.dtype == value.dtype)
-        and all(kwargs.get(k) is None for k in ("softcap", "sliding_window", "s_aux"))
+        and all(kwargs.get(k) is None for k in ("softcap", "s_aux"))
+        and (kwargs.get("sliding_window") or length) >= length  # a window as long as the row
         and not kwargs.get("output_attentions", False)
         and kwargs.get("position_bias") is None
     )
@@ -220,6 +222,8 @@ def fuse_attention(model: nn.Module) -> bool:
         return True
     if root is None or current != "sdpa":
         return False
+    if not any(getattr(m, "is_causal", False) is True for m in root.modules()):
+        return False  # an encoder (BERT): no causal attention to take over
     register()
     root.set_attn_implementation(NAME)
     return root.config._attn_implementation == NAME
