@@ -14,6 +14,14 @@ from tunesmith.methods import fused_attention
 from tunesmith.methods.fused_attention import BlockCausalAttention, fuse_attention
 
 F64 = {"dtype": torch.float64}
+BF16_ONLY = fused_attention.DTYPES
+
+
+@pytest.fixture(autouse=True)
+def float64_too(monkeypatch):
+    """The node takes bf16 work only (where it is the faster kernel); these tests check its maths
+    through the model in float64 as well."""
+    monkeypatch.setattr(fused_attention, "DTYPES", (*BF16_ONLY, torch.float64))
 
 
 def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float64, seed=0):
@@ -200,3 +208,22 @@ def test_encoders_keep_sdpa_and_long_windows_take_the_node(monkeypatch):
     torch.testing.assert_close(long, ref)
     fused_attention.attention_forward(attn, q, k, v, None, sliding_window=4)
     assert calls == [1]
+
+
+def test_only_bf16_work_takes_the_node(monkeypatch):
+    """In float32 the flash kernel is faster: a float32 call keeps SDPA; bf16 (as the inputs'
+    dtype or autocast's) takes the node."""
+    monkeypatch.setattr(fused_attention, "DTYPES", BF16_ONLY)
+    calls = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    attn = qwen2().model.layers[0].self_attn
+    q, k, v = qkv(1, 4, 2, 12, 8, dtype=torch.float32)
+    fused_attention.attention_forward(attn, q, k, v, None)
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fused_attention.attention_forward(attn, q, k, v, None)
+    assert calls == [1] and out.dtype == torch.bfloat16
+    low = [t.detach().bfloat16() for t in (q, k, v)]
+    fused_attention.attention_forward(attn, *low, None)
+    assert calls == [1, 1]

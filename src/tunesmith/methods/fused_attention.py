@@ -24,14 +24,16 @@ attention) are stacked into one product, and all rows and heads go through one b
 per step. Scores and the softmax are computed in float32 (float64 for float64 inputs), ``P`` and
 ``dS`` are rounded to the inputs' dtype (bf16) for their products, as the flash kernel does.
 Measured (``bench/IDEAS.md``): 8 rows x 427 tokens x 8 heads (2 KV heads) x 64, bf16, 2 cores:
-forward and backward ~1.3x faster than the flash kernel; it is slower past ~1,024 tokens, where
-the flash kernel skips key blocks itself, so longer rows keep it.
+forward and backward ~1.4x faster than the flash kernel (1.1-1.6x from 24 to 512 tokens); no
+faster from ~768 tokens, where the flash kernel skips key blocks itself, so rows past 1,024 keep
+it. In float32 the flash kernel is the faster one (the node ran at 0.4-1.0x its speed up to 256
+tokens), so the node takes bf16 work only (``DTYPES``).
 
 ``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
-call takes this node where it applies (CPU, causal self-attention without a cache, no dropout,
-no soft-capping or attention sinks, no sliding window shorter than the row, a boolean mask that
-is causal, rows up to ``MAX_TOKENS``), and ``sdpa`` everywhere else. Encoders (no module
-declares ``is_causal``) keep ``sdpa``.
+call takes this node where it applies (CPU, bf16, causal self-attention without a cache, no
+dropout, no soft-capping or attention sinks, no sliding window shorter than the row, a boolean
+mask that is causal, rows up to ``MAX_TOKENS``), and ``sdpa`` everywhere else. Encoders (no
+module declares ``is_causal``) keep ``sdpa``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch.autograd.function import once_differentiable
 NAME = "tunesmith_sdpa"  # the name it is registered under with transformers
 BLOCK = 64  # query positions per block
 MAX_TOKENS = 1024  # longer rows: the flash kernel is faster
+DTYPES = (torch.bfloat16,)  # in float32 the flash kernel is faster (module doc)
 
 
 def _blocks(length: int) -> list[tuple[int, int]]:
@@ -172,8 +175,11 @@ def attention_forward(
 
     length = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # as SDPA under autocast: all three in the autocast dtype (RoPE leaves q and k in float32)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     ok = (
         causal
+        and dtype in DTYPES
         and query.device.type == "cpu"
         and not torch.compiler.is_compiling()  # a graph per row length: sdpa's shapes stay dynamic
         and not (dropout and module.training)
@@ -194,8 +200,6 @@ def attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    # as SDPA under autocast: all three in the autocast dtype (RoPE leaves q and k in float32)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     with torch.autocast("cpu", enabled=False):
         query, key, value = (t.to(dtype) for t in (query, key, value))
         out = BlockCausalAttention.apply(query, key, value, blocked, scale)
