@@ -107,7 +107,9 @@ def main() -> None:
     v = rand(rows, kv_heads, length, head_dim).requires_grad_()
     kernels = {
         "flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-        "block-causal node": lambda: BlockCausalAttention.apply(q, k, v, None, head_dim**-0.5),
+        "block-causal node": lambda: BlockCausalAttention.apply(
+            q, k, v, None, None, head_dim**-0.5
+        ),
     }
     per_kernel = {
         name: cfg.num_hidden_layers * best(lambda f=f: f().sum().backward())

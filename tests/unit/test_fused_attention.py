@@ -40,17 +40,22 @@ def padding_mask(lengths, length):
 
 
 @pytest.mark.parametrize("length", [1 + 1, 37, 64, 150])
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [None, "lengths", "mask"])
 def test_node_equals_sdpa_with_gradients(length, padded):
     """Output and the gradients of q, k and v equal SDPA's in float64 (grouped-query heads, rows
-    shorter and longer than a block, right padding; padded query rows are not compared)."""
+    shorter and longer than a block, right padding given as row lengths or as the boolean mask;
+    padded query rows are not compared)."""
     q, k, v = qkv(3, 4, 2, length, 8)
-    mask = padding_mask([length, max(1, length // 2), 1], length) if padded else None
+    lengths = (length, max(1, length // 2), 1)
+    mask = padding_mask(list(lengths), length) if padded else None
     ref = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
     ).transpose(1, 2)
-    got = BlockCausalAttention.apply(q, k, v, None if mask is None else ~mask, 8**-0.5)
-    real = torch.ones(3, length, 1, 1)
+    blocked = ~mask if padded == "mask" else None
+    got = BlockCausalAttention.apply(
+        q, k, v, blocked, lengths if padded == "lengths" else None, 8**-0.5
+    )
+    real = torch.ones(3, length, 1, 1, **F64)
     if padded:
         real = mask[:, 0].diagonal(dim1=1, dim2=2)[:, :, None, None].to(F64["dtype"])
     upstream = torch.randn(got.shape, **F64) * real
@@ -64,7 +69,7 @@ def test_node_equals_sdpa_with_gradients(length, padded):
 def test_node_passes_gradcheck():
     q, k, v = qkv(1, 2, 1, 70, 4)  # two blocks
     assert torch.autograd.gradcheck(
-        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, 0.5), (q, k, v)
+        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, None, 0.5), (q, k, v)
     )
 
 
@@ -74,7 +79,7 @@ def test_rows_that_see_no_key_give_zero_not_nan():
     q, k, v = qkv(2, 2, 2, 9, 4)
     real = torch.arange(9)[None, :] >= torch.tensor([0, 4])[:, None]
     mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
-    out = BlockCausalAttention.apply(q, k, v, ~mask, 0.5)
+    out = BlockCausalAttention.apply(q, k, v, ~mask, None, 0.5)
     assert torch.isfinite(out).all() and out[1, :4].abs().max() == 0
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -84,7 +89,7 @@ def test_bf16_close_to_sdpa():
     """In bf16 the node rounds where the flash kernel rounds: P and dS for their products."""
     q, k, v = qkv(4, 8, 2, 200, 64, dtype=torch.bfloat16)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-    got = BlockCausalAttention.apply(q, k, v, None, 64**-0.5)
+    got = BlockCausalAttention.apply(q, k, v, None, None, 64**-0.5)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), rtol=0.02, atol=0.02)
     upstream = torch.randn(got.shape).bfloat16()
@@ -227,3 +232,33 @@ def test_only_bf16_work_takes_the_node(monkeypatch):
     low = [t.detach().bfloat16() for t in (q, k, v)]
     fused_attention.attention_forward(attn, *low, None)
     assert calls == [1, 1]
+
+
+def test_right_padding_masks_become_row_lengths():
+    """transformers' mask for right-padded rows is read as row lengths (only the padded keys'
+    columns are then filled); left padding, a bidirectional mask or a float mask are not."""
+    right = padding_mask([5, 3], 5)
+    assert fused_attention._node_mask(right, 5)[1:] == (None, (5, 3))
+    assert fused_attention._node_mask(None, 5) == (True, None, None)
+    real = torch.arange(5)[None, :] >= torch.tensor([0, 2])[:, None]
+    left = torch.ones(5, 5, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+    ok, blocked, lengths = fused_attention._node_mask(left, 5)
+    assert ok and lengths is None and torch.equal(blocked, ~left)
+    assert not fused_attention._node_mask(torch.ones(1, 1, 5, 5, dtype=torch.bool), 5)[0]
+    assert not fused_attention._node_mask(torch.zeros(1, 1, 5, 5), 5)[0]
+
+
+def test_the_mask_is_read_once_per_forward(monkeypatch):
+    """Every layer gets the same mask tensor: it is read once; a changed or new mask is read
+    again."""
+    reads = []
+    read = fused_attention._read_mask
+    monkeypatch.setattr(fused_attention, "_read_mask", lambda m, n: reads.append(1) or read(m, n))
+    mask = padding_mask([6, 4], 6)
+    first = fused_attention._node_mask(mask, 6)
+    assert fused_attention._node_mask(mask, 6) == first and reads == [1]
+    mask[1, 0, 5, 3] = False  # changed in place: read again, no longer plain right padding
+    ok, blocked, lengths = fused_attention._node_mask(mask, 6)
+    assert reads == [1, 1] and lengths is None and torch.equal(blocked, ~mask)
+    fused_attention._node_mask(padding_mask([6, 4], 6), 6)
+    assert reads == [1, 1, 1]

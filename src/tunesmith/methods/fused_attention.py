@@ -38,6 +38,7 @@ module declares ``is_causal``) keep ``sdpa``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -55,16 +56,26 @@ def _blocks(length: int) -> list[tuple[int, int]]:
 
 
 def _scores(
-    q_block: torch.Tensor, keys: torch.Tensor, blocked: torch.Tensor | None, s: int, batch: int
+    q_block: torch.Tensor,
+    keys: torch.Tensor,
+    blocked: torch.Tensor | None,
+    lengths: tuple[int, ...] | None,
+    s: int,
+    batch: int,
 ) -> torch.Tensor:
     """``c Q K^T`` for the query block starting at ``s``, (B*Hkv, g, n, e), with -inf where
-    masked: the causal triangle of its diagonal part, or ``blocked`` (True where forbidden)."""
+    masked: the causal triangle of its diagonal part and the keys at or past each row's
+    ``lengths`` (right padding), or else ``blocked`` (True where forbidden)."""
     bh, g, n = q_block.shape[0], q_block.shape[1], q_block.shape[2]
     e = keys.shape[1]
     scores = torch.bmm(q_block.reshape(bh, g * n, -1), keys.transpose(1, 2)).view(bh, g, n, e)
     if blocked is None:
         upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
         scores[..., s:e].masked_fill_(upper, float("-inf"))
+        rows = scores.view(batch, -1, g, n, e)
+        for row, length in enumerate(lengths or ()):  # only the padded keys' columns
+            if length < e:
+                (rows if len(lengths) == 1 else rows[row])[..., length:].fill_(float("-inf"))
     else:  # (B or 1, 1, n, e) -> over (B, Hkv, g, n, e)
         forbidden = blocked[:, :, s:e, :e].unsqueeze(2)
         scores.view(batch, -1, g, n, e).masked_fill_(forbidden, float("-inf"))
@@ -73,8 +84,9 @@ def _scores(
 
 class BlockCausalAttention(torch.autograd.Function):
     """Causal attention over query blocks (see the module doc). ``q`` (B, H, T, d), ``k`` and
-    ``v`` (B, Hkv, T, d), ``blocked`` None or bool (B or 1, 1, T, T), True where a query may not
-    see a key; returns (B, T, H, d)."""
+    ``v`` (B, Hkv, T, d); the mask is ``blocked``, bool (B or 1, 1, T, T) True where a query may
+    not see a key, or else causal with the keys at or past ``lengths[b]`` (one per row, or one for
+    all) hidden, or causal alone (both None); returns (B, T, H, d)."""
 
     @staticmethod
     def forward(
@@ -83,6 +95,7 @@ class BlockCausalAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         blocked: torch.Tensor | None,
+        lengths: tuple[int, ...] | None,
         scale: float,
     ) -> torch.Tensor:
         b, h, t, d = q.shape
@@ -97,7 +110,7 @@ class BlockCausalAttention(torch.autograd.Function):
         lse = torch.empty(b * hkv, g, t, 1, dtype=acc, device=q.device)
         for s, e in _blocks(t):
             n = e - s
-            scores = _scores(qs[:, :, s:e], ks[:, :e], blocked, s, b)
+            scores = _scores(qs[:, :, s:e], ks[:, :e], blocked, lengths, s, b)
             top = scores.amax(-1, keepdim=True)
             empty = torch.isinf(top)  # rows that see no key (padding): output 0
             top.masked_fill_(empty, 0.0)
@@ -108,7 +121,7 @@ class BlockCausalAttention(torch.autograd.Function):
             block = block.view(b * hkv, g, n, d) / total.clamp_min(1e-30).to(q.dtype)
             o_view[:, :, :, s:e] = block.view(b, hkv, g, n, d)
         ctx.save_for_backward(q, k, vs, out, lse, blocked)
-        ctx.scale = scale
+        ctx.scale, ctx.lengths = scale, lengths
         return out
 
     @staticmethod
@@ -134,7 +147,11 @@ class BlockCausalAttention(torch.autograd.Function):
         for s, e in _blocks(t):
             n = e - s
             do_block = d_out[:, :, s:e].reshape(b * hkv, g * n, d)
-            p = _scores(qs[:, :, s:e], ks[:, :e], blocked, s, b).sub_(lse[:, :, s:e]).exp_()
+            p = (
+                _scores(qs[:, :, s:e], ks[:, :e], blocked, ctx.lengths, s, b)
+                .sub_(lse[:, :, s:e])
+                .exp_()
+            )
             dv[:, :e] += torch.bmm(p.to(q.dtype).view(b * hkv, g * n, e).transpose(1, 2), do_block)
             dp = torch.bmm(do_block, vs[:, :e].transpose(1, 2)).view(b * hkv, g, n, e)
             ds = torch.sub(dp, rows[:, :, s:e]).mul_(p).to(q.dtype).view(b * hkv, g * n, e)
@@ -142,20 +159,45 @@ class BlockCausalAttention(torch.autograd.Function):
             dk[:, :e] += torch.bmm(ds.transpose(1, 2), q_low[:, :, s:e].reshape(b * hkv, g * n, d))
         dq = dq.mul_(scale).view(b, h, t, d)
         dk = (dk * scale).to(k.dtype).view(b, hkv, t, d)
-        return dq, dk, dv.to(k.dtype).view(b, hkv, t, d), None, None
+        return dq, dk, dv.to(k.dtype).view(b, hkv, t, d), None, None, None
 
 
-def _blocked_mask(mask: torch.Tensor | None, length: int) -> tuple[bool, torch.Tensor | None]:
-    """(whether the node can take ``mask``, the mask as True-where-forbidden or None)."""
+_NodeMask = tuple[bool, torch.Tensor | None, tuple[int, ...] | None]
+_last_mask: tuple[weakref.ref, tuple[int, int], _NodeMask] | None = None
+
+
+def _node_mask(mask: torch.Tensor | None, length: int) -> _NodeMask:
+    """(whether the node can take ``mask``, the mask as True-where-forbidden, or as the lengths
+    of right-padded rows when it is exactly causal with padding keys hidden: then only the
+    padded keys' columns are filled, not the whole block). The model hands every layer the same
+    mask: it is read once (a weak reference and its version tell it again)."""
+    global _last_mask
     if mask is None:
-        return True, None
+        return True, None, None
+    last = _last_mask
+    versioned = not mask.is_inference()  # inference tensors have no version to check
+    if versioned and last is not None and last[0]() is mask and last[1] == (mask._version, length):
+        return last[2]
+    result = _read_mask(mask, length)
+    if versioned:
+        _last_mask = (weakref.ref(mask), (mask._version, length), result)
+    return result
+
+
+def _read_mask(mask: torch.Tensor, length: int) -> _NodeMask:
+    """``_node_mask`` without the memory of the last mask."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
-        return False, None
+        return False, None, None
     if tuple(mask.shape[-2:]) != (length, length):
-        return False, None
-    if mask.triu(1).any():  # a query may see a later key: not causal, blocks would skip it
-        return False, None
-    return True, ~mask
+        return False, None, None
+    if mask.triu(1).any():  # a later key is visible: not causal, blocks would skip it
+        return False, None, None
+    lengths = mask[:, 0, -1].sum(-1)  # the last query sees every real key
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+    real = torch.arange(length, device=mask.device) < lengths[:, None]
+    if torch.equal(mask[:, 0], causal & real[:, None, :]):
+        return True, None, tuple(lengths.tolist())
+    return True, ~mask, None
 
 
 def attention_forward(
@@ -194,7 +236,7 @@ def attention_forward(
         and kwargs.get("position_bias") is None
     )
     if ok:
-        ok, blocked = _blocked_mask(attention_mask, length)
+        ok, blocked, lengths = _node_mask(attention_mask, length)
     if not ok:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
@@ -202,7 +244,7 @@ def attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     with torch.autocast("cpu", enabled=False):
         query, key, value = (t.to(dtype) for t in (query, key, value))
-        out = BlockCausalAttention.apply(query, key, value, blocked, scale)
+        out = BlockCausalAttention.apply(query, key, value, blocked, lengths, scale)
     return out, None
 
 
