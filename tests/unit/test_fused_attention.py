@@ -262,3 +262,36 @@ def test_the_mask_is_read_once_per_forward(monkeypatch):
     assert reads == [1, 1] and lengths is None and torch.equal(blocked, ~mask)
     fused_attention._node_mask(padding_mask([6, 4], 6), 6)
     assert reads == [1, 1, 1]
+
+
+def test_bf16_error_close_to_the_flash_kernels():
+    """Against float64 attention on the same bf16 inputs, the node's bf16 output is within 1.4x
+    the flash kernel's error (it rounds its output once, after dividing in float32)."""
+    q, k, v = (t.detach() for t in qkv(4, 8, 2, 200, 64, seed=3))
+    low = [t.bfloat16() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(
+        *(t.double() for t in low), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    flash = F.scaled_dot_product_attention(*low, is_causal=True, enable_gqa=True).transpose(1, 2)
+    node = BlockCausalAttention.apply(*low, None, None, 64**-0.5)
+
+    def error(x):
+        return float((x.double() - exact).norm() / exact.norm())
+
+    assert error(node) <= 1.4 * error(flash)
+
+
+def test_float64_model_under_autocast_stays_float64():
+    """Autocast leaves float64 alone, and so do the nodes: a float64 model run under bf16
+    autocast with every node installed computes in float64, as without them."""
+    model = qwen2()
+    reference = copy.deepcopy(model)
+    from tunesmith.methods.fused_lora import fuse_linear
+
+    fuse_attention(model)
+    fuse_linear(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert got.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

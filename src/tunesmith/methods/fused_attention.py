@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from tunesmith.methods.fused_lora import autocast_dtype
+
 NAME = "tunesmith_sdpa"  # the name it is registered under with transformers
 BLOCK = 64  # query positions per block
 MAX_TOKENS = 1024  # longer rows: the flash kernel is faster
@@ -118,8 +120,8 @@ class BlockCausalAttention(torch.autograd.Function):
             total = p.sum(-1, keepdim=True)
             lse[:, :, s:e] = torch.where(empty, float("inf"), top + total.log())
             block = torch.bmm(p.to(q.dtype).view(b * hkv, g * n, e), vs[:, :e])
-            block = block.view(b * hkv, g, n, d) / total.clamp_min(1e-30).to(q.dtype)
-            o_view[:, :, :, s:e] = block.view(b, hkv, g, n, d)
+            block = block.view(b * hkv, g, n, d).to(acc).div_(total.clamp_min(1e-30))
+            o_view[:, :, :, s:e] = block.view(b, hkv, g, n, d)  # one rounding, here
         ctx.save_for_backward(q, k, vs, out, lse, blocked)
         ctx.scale, ctx.lengths = scale, lengths
         return out
@@ -170,7 +172,9 @@ def _node_mask(mask: torch.Tensor | None, length: int) -> _NodeMask:
     """(whether the node can take ``mask``, the mask as True-where-forbidden, or as the lengths
     of right-padded rows when it is exactly causal with padding keys hidden: then only the
     padded keys' columns are filled, not the whole block). The model hands every layer the same
-    mask: it is read once (a weak reference and its version tell it again)."""
+    mask: it is read once (a weak reference and its version tell it again; like any version
+    check, it does not see a change made through ``.data``, and transformers builds a new mask
+    for every forward)."""
     global _last_mask
     if mask is None:
         return True, None, None
@@ -218,7 +222,7 @@ def attention_forward(
     length = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # as SDPA under autocast: all three in the autocast dtype (RoPE leaves q and k in float32)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    dtype = autocast_dtype("cpu", query.dtype)
     ok = (
         causal
         and dtype in DTYPES

@@ -124,11 +124,17 @@ class FusedLinear(torch.autograd.Function):
 
 
 def compute_dtype(device: str, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a fused node computes in: autocast's when autocast is on for ``device``, else
-    the (base) weight's."""
-    if torch.is_autocast_enabled(device):
+    """The dtype a fused node computes in: autocast's when autocast is on for ``device`` (which,
+    like autocast, leaves float64 alone), else the (base) weight's."""
+    return autocast_dtype(device, weight_dtype)
+
+
+def autocast_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast would give a ``dtype`` input of a matrix product on ``device``: the
+    autocast dtype for floating point other than float64 when autocast is on; else ``dtype``."""
+    if torch.is_autocast_enabled(device) and dtype.is_floating_point and dtype != torch.float64:
         return torch.get_autocast_dtype(device)
-    return weight_dtype
+    return dtype
 
 
 def _apply(
@@ -172,8 +178,8 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
     if not torch.is_autocast_enabled(device) or hooked(self):
         return nn.Linear.forward(self, x)
-    dtype = torch.get_autocast_dtype(device)
-    if x.dtype == dtype and self.weight.dtype == dtype:
+    dtype = autocast_dtype(device, self.weight.dtype)
+    if x.dtype == dtype and self.weight.dtype == dtype:  # nothing to cast (or float64)
         return nn.Linear.forward(self, x)
     return _apply(x, None, self.weight, self.bias, None, None, 1.0)
 
