@@ -100,6 +100,14 @@ def test_bf16_close_to_sdpa():
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.abs().max())
 
 
+def node_calls(monkeypatch) -> list:
+    """A list that gets one entry per call of the node."""
+    calls = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    return calls
+
+
 def qwen2(seed=0):
     model = small_decoder(Qwen2ForCausalLM, seed)
     model.set_attn_implementation("sdpa")
@@ -114,9 +122,7 @@ def test_model_with_the_node_equals_sdpa_model(monkeypatch, tmp_path):
     reference = copy.deepcopy(model)
     assert fuse_attention(model) and model.config._attn_implementation == fused_attention.NAME
     assert reference.config._attn_implementation == "sdpa"
-    calls = []
-    node = BlockCausalAttention.apply
-    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    calls = node_calls(monkeypatch)
     ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
@@ -142,9 +148,7 @@ def test_model_with_the_node_equals_sdpa_model(monkeypatch, tmp_path):
 def test_sdpa_runs_where_the_node_does_not_apply(monkeypatch):
     """A mask that lets a query see a later key, dropout in training, rows past MAX_TOKENS, and
     a model not on ``sdpa`` all keep SDPA's result."""
-    calls = []
-    node = BlockCausalAttention.apply
-    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    calls = node_calls(monkeypatch)
     model = qwen2()
     fuse_attention(model)
     attn = model.model.layers[0].self_attn
@@ -200,9 +204,7 @@ def test_encoders_keep_sdpa_and_long_windows_take_the_node(monkeypatch):
         )
     )
     assert not fuse_attention(bert) and bert.config._attn_implementation == "sdpa"
-    calls = []
-    node = BlockCausalAttention.apply
-    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    calls = node_calls(monkeypatch)
     model = qwen2()
     fuse_attention(model)
     attn = model.model.layers[0].self_attn
@@ -219,9 +221,7 @@ def test_only_bf16_work_takes_the_node(monkeypatch):
     """In float32 the flash kernel is faster: a float32 call keeps SDPA; bf16 (as the inputs'
     dtype or autocast's) takes the node."""
     monkeypatch.setattr(fused_attention, "DTYPES", BF16_ONLY)
-    calls = []
-    node = BlockCausalAttention.apply
-    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: calls.append(1) or node(*a))
+    calls = node_calls(monkeypatch)
     attn = qwen2().model.layers[0].self_attn
     q, k, v = qkv(1, 4, 2, 12, 8, dtype=torch.float32)
     fused_attention.attention_forward(attn, q, k, v, None)

@@ -112,7 +112,7 @@ def test_fused_lora_equals_module_by_module_maths(bias, separate):
     """The one-node LoRA (methods/fused_lora.py) gives the same output and gradients for x, A
     and B as the op-by-op formula, with the LoRA input equal to x or separate (as dropout
     makes it), and passes gradcheck."""
-    from tunesmith.methods.fused_lora import fused_lora
+    from tunesmith.methods.fused_lora import fused_linear
 
     g = torch.Generator().manual_seed(0)
     f64 = {"dtype": torch.float64, "generator": g}
@@ -127,7 +127,7 @@ def test_fused_lora_equals_module_by_module_maths(bias, separate):
         x.grad = a.grad = bb.grad = None
         x_lora = x * mask if separate else x
         if fused:
-            y = fused_lora(x, x_lora if separate else None, w, b, a, bb, 2.0)
+            y = fused_linear(x, x_lora if separate else None, w, b, a, bb, 2.0)
         else:
             y = _module_by_module(x, x_lora, w, b, a, bb, 2.0)
         y.backward(upstream)
@@ -135,7 +135,7 @@ def test_fused_lora_equals_module_by_module_maths(bias, separate):
     for ref, fused in zip(*got):
         torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda x, a, bb: fused_lora(x, x * mask if separate else None, w, b, a, bb, 2.0),
+        lambda x, a, bb: fused_linear(x, x * mask if separate else None, w, b, a, bb, 2.0),
         (x, a, bb),
     )
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tunesmith.methods.fused_lora import autocast_dtype
+from tunesmith.methods.fused_lora import compute_dtype
 
 NAME = "tunesmith_sdpa"  # the name it is registered under with transformers
 BLOCK = 64  # query positions per block
@@ -222,7 +222,7 @@ def attention_forward(
     length = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # as SDPA under autocast: all three in the autocast dtype (RoPE leaves q and k in float32)
-    dtype = autocast_dtype("cpu", query.dtype)
+    dtype = compute_dtype("cpu", query.dtype)
     ok = (
         causal
         and dtype in DTYPES

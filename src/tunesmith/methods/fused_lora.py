@@ -123,21 +123,16 @@ class FusedLinear(torch.autograd.Function):
         return dx, None, dx_lora, dw, db, da, dbl, None, None
 
 
-def compute_dtype(device: str, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a fused node computes in: autocast's when autocast is on for ``device`` (which,
-    like autocast, leaves float64 alone), else the (base) weight's."""
-    return autocast_dtype(device, weight_dtype)
-
-
-def autocast_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype autocast would give a ``dtype`` input of a matrix product on ``device``: the
-    autocast dtype for floating point other than float64 when autocast is on; else ``dtype``."""
+def compute_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fused node computes in for a ``dtype`` weight or input on ``device``: as
+    autocast casts a matrix product's inputs, the autocast dtype for floating point other than
+    float64 when autocast is on; else ``dtype``."""
     if torch.is_autocast_enabled(device) and dtype.is_floating_point and dtype != torch.float64:
         return torch.get_autocast_dtype(device)
     return dtype
 
 
-def _apply(
+def fused_linear(
     x: torch.Tensor,
     x_lora: torch.Tensor | None,
     weight: torch.Tensor,
@@ -146,6 +141,9 @@ def _apply(
     lora_b: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
+    """``x W^T + b + s (x_lora A^T) B^T`` (``x_lora`` None: ``x``; no LoRA branch when ``lora_a``
+    is None) as one autograd node, in ``compute_dtype``. The node works on 2-D rows and the
+    result is reshaped outside it, so in-place operations on the output stay allowed."""
     device = x.device.type
     dtype = compute_dtype(device, weight.dtype)
     rows = x.reshape(-1, x.shape[-1])
@@ -156,21 +154,6 @@ def _apply(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def fused_lora(
-    x: torch.Tensor,
-    x_lora: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """``x W^T + b + s (x_lora A^T) B^T`` (``x_lora`` None: ``x``) as one autograd node, in the
-    autocast dtype when autocast is on, else in ``weight``'s dtype. The node works on 2-D rows and
-    the result is reshaped outside it, so in-place operations on the output stay allowed."""
-    return _apply(x, x_lora, weight, bias, lora_a, lora_b, scaling)
-
-
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A plain ``nn.Linear`` as the node where autocast would cast its input or weight (q, k and
     v then share one copy of their input, and no copy of the weight is kept for the backward
@@ -178,10 +161,10 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
     if not torch.is_autocast_enabled(device) or hooked(self):
         return nn.Linear.forward(self, x)
-    dtype = autocast_dtype(device, self.weight.dtype)
+    dtype = compute_dtype(device, self.weight.dtype)
     if x.dtype == dtype and self.weight.dtype == dtype:  # nothing to cast (or float64)
         return nn.Linear.forward(self, x)
-    return _apply(x, None, self.weight, self.bias, None, None, 1.0)
+    return fused_linear(x, None, self.weight, self.bias, None, None, 1.0)
 
 
 def fuse_linear(model: nn.Module) -> int:

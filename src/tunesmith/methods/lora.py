@@ -39,7 +39,7 @@ from tunesmith.methods.base import (
     replace_module,
     toggled,
 )
-from tunesmith.methods.fused_lora import fused_lora
+from tunesmith.methods.fused_lora import fused_linear
 
 PEFT_PREFIX = "base_model.model."
 
@@ -119,7 +119,7 @@ class LoRALinear(nn.Module):
         )
         a = self.lora_A.weight
         if self.fusable(x.device.type):
-            return fused_lora(
+            return fused_linear(
                 x, dropped, base.weight, base.bias, a, self.lora_B.weight, self.scaling
             )
         # Over another wrapper (several adapters on one base), a base that trains, or a low-precision
