@@ -58,7 +58,7 @@ def main() -> None:
 
     from tunesmith.data.batching import Batch
     from tunesmith.methods import build_method, method_config
-    from tunesmith.methods.fused_attention import BlockCausalAttention, fuse_attention
+    from tunesmith.methods.fused_attention import KEEP_TOKENS, BlockCausalAttention, fuse_attention
     from tunesmith.methods.fused_lora import fuse_linear
     from tunesmith.methods.fused_mlp import fuse_swiglu
     from tunesmith.methods.fused_norm import fuse_rmsnorm
@@ -108,7 +108,13 @@ def main() -> None:
     kernels = {
         "flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         "block-causal node": lambda: BlockCausalAttention.apply(
-            q, k, v, None, None, head_dim**-0.5
+            q,
+            k,
+            v,
+            None,
+            None,
+            head_dim**-0.5,
+            length <= KEEP_TOKENS,  # as a training call
         ),
     }
     per_kernel = {

@@ -41,10 +41,11 @@ def padding_mask(lengths, length):
 
 @pytest.mark.parametrize("length", [1 + 1, 37, 64, 150])
 @pytest.mark.parametrize("padded", [None, "lengths", "mask"])
-def test_node_equals_sdpa_with_gradients(length, padded):
+@pytest.mark.parametrize("keep", [True, False])
+def test_node_equals_sdpa_with_gradients(length, padded, keep):
     """Output and the gradients of q, k and v equal SDPA's in float64 (grouped-query heads, rows
     shorter and longer than a block, right padding given as row lengths or as the boolean mask;
-    padded query rows are not compared)."""
+    padded query rows are not compared), whether ``P`` is kept or recomputed."""
     q, k, v = qkv(3, 4, 2, length, 8)
     lengths = (length, max(1, length // 2), 1)
     mask = padding_mask(list(lengths), length) if padded else None
@@ -53,7 +54,7 @@ def test_node_equals_sdpa_with_gradients(length, padded):
     ).transpose(1, 2)
     blocked = ~mask if padded == "mask" else None
     got = BlockCausalAttention.apply(
-        q, k, v, blocked, lengths if padded == "lengths" else None, 8**-0.5
+        q, k, v, blocked, lengths if padded == "lengths" else None, 8**-0.5, keep
     )
     real = torch.ones(3, length, 1, 1, **F64)
     if padded:
@@ -66,20 +67,22 @@ def test_node_equals_sdpa_with_gradients(length, padded):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_node_passes_gradcheck():
+@pytest.mark.parametrize("keep", [True, False])
+def test_node_passes_gradcheck(keep):
     q, k, v = qkv(1, 2, 1, 70, 4)  # two blocks
     assert torch.autograd.gradcheck(
-        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, None, 0.5), (q, k, v)
+        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, None, 0.5, keep), (q, k, v)
     )
 
 
-def test_rows_that_see_no_key_give_zero_not_nan():
+@pytest.mark.parametrize("keep", [True, False])
+def test_rows_that_see_no_key_give_zero_not_nan(keep):
     """Left padding: the first query rows see no key. They come out as zeros, and nothing else
     turns NaN (forward or backward)."""
     q, k, v = qkv(2, 2, 2, 9, 4)
     real = torch.arange(9)[None, :] >= torch.tensor([0, 4])[:, None]
     mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
-    out = BlockCausalAttention.apply(q, k, v, ~mask, None, 0.5)
+    out = BlockCausalAttention.apply(q, k, v, ~mask, None, 0.5, keep)
     assert torch.isfinite(out).all() and out[1, :4].abs().max() == 0
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -234,6 +237,24 @@ def test_only_bf16_work_takes_the_node(monkeypatch):
     assert calls == [1, 1]
 
 
+def test_training_calls_keep_p_up_to_keep_tokens(monkeypatch):
+    """A call that trains keeps ``P`` for rows up to ``KEEP_TOKENS``, and recomputes it for
+    longer rows; a call without gradients (a reference model's forward) keeps nothing."""
+    keeps = []
+    node = BlockCausalAttention.apply
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: keeps.append(a[-1]) or node(*a))
+    monkeypatch.setattr(fused_attention, "KEEP_TOKENS", 100)
+    attn = qwen2().model.layers[0].self_attn
+    for length in (100, 101):
+        out, _ = fused_attention.attention_forward(attn, *qkv(1, 4, 2, length, 8), None)
+        blocks = len(fused_attention._blocks(length))
+        kept = len(out.grad_fn.saved_tensors) - 4  # after q, k, v and the mask (None here)
+        assert kept == (blocks if length <= 100 else 0)
+    with torch.no_grad():
+        fused_attention.attention_forward(attn, *qkv(1, 4, 2, 100, 8), None)
+    assert keeps == [True, False, False]
+
+
 def test_right_padding_masks_become_row_lengths():
     """transformers' mask for right-padded rows is read as row lengths (only the padded keys'
     columns are then filled); left padding, a bidirectional mask or a float mask are not."""
@@ -264,21 +285,38 @@ def test_the_mask_is_read_once_per_forward(monkeypatch):
     assert reads == [1, 1, 1]
 
 
-def test_bf16_error_close_to_the_flash_kernels():
-    """Against float64 attention on the same bf16 inputs, the node's bf16 output is within 1.4x
-    the flash kernel's error (it rounds its output once, after dividing in float32)."""
+@pytest.mark.parametrize("logit_scale", [1.0, 3.0])
+def test_bf16_error_close_to_the_flash_kernels(logit_scale):
+    """Against float64 attention on the same bf16 inputs, the node's bf16 output and gradients are
+    within 1.4x the flash kernel's errors (the gradients' fall below them where the logits are
+    large: ``logit_scale`` 3 makes their spread ~9)."""
     q, k, v = (t.detach() for t in qkv(4, 8, 2, 200, 64, seed=3))
-    low = [t.bfloat16() for t in (q, k, v)]
-    exact = F.scaled_dot_product_attention(
-        *(t.double() for t in low), is_causal=True, enable_gqa=True
-    ).transpose(1, 2)
-    flash = F.scaled_dot_product_attention(*low, is_causal=True, enable_gqa=True).transpose(1, 2)
-    node = BlockCausalAttention.apply(*low, None, None, 64**-0.5)
+    low = [(t * s).bfloat16() for t, s in zip((q, k, v), (logit_scale, logit_scale, 1.0))]
+    upstream = torch.randn(4, 200, 8, 64, generator=torch.Generator().manual_seed(4))
 
-    def error(x):
-        return float((x.double() - exact).norm() / exact.norm())
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in low]
+        out = fn(*inputs)
+        grads = torch.autograd.grad((out.double() * upstream.double()).sum(), inputs)
+        return [out.detach().double(), *(g.double() for g in grads)]
 
-    assert error(node) <= 1.4 * error(flash)
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(
+            1, 2
+        )
+
+    exact = run(sdpa, torch.float64)
+    flash = run(sdpa, torch.bfloat16)
+    node = run(
+        lambda q, k, v: BlockCausalAttention.apply(q, k, v, None, None, 64**-0.5), torch.bfloat16
+    )
+
+    def error(x, ref):
+        return float((x - ref).norm() / ref.norm())
+
+    assert error(node[0], exact[0]) <= 1.4 * error(flash[0], exact[0])
+    for ours, theirs, ref in zip(node[1:], flash[1:], exact[1:]):
+        assert error(ours, ref) <= 1.4 * error(theirs, ref)
 
 
 def test_float64_model_under_autocast_stays_float64():
