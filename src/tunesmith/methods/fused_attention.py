@@ -38,11 +38,12 @@ per step. Scores and the softmax are computed in float32 (float64 for float64 in
 float64 attention on the same bf16 inputs (logits of spread 1 to 16), the output's error is
 1.7-2.3e-3 of its norm and the gradients' 2.6-5.1e-3 (the flash kernel: 1.4-2.0e-3 and
 2.5-7.0e-3, its gradients' growing with the logits).
-Measured (``bench/IDEAS.md``): 8 rows x 427 tokens x 8 heads (2 KV heads) x 64, bf16, 2 cores:
-forward and backward ~1.4x faster than the flash kernel (1.1-1.6x from 24 to 512 tokens); no
-faster from ~768 tokens, where the flash kernel skips key blocks itself, so rows past 1,024 keep
-it. In float32 the flash kernel is the faster one (the node ran at 0.4-1.0x its speed up to 256
-tokens), so the node takes bf16 work only (``DTYPES``).
+
+Measured (``bench/IDEAS.md``), forward and backward against the flash kernel, bf16, 2 cores,
+8 heads over 2 KV heads x 64: 29 vs 70 ms at 8 rows x 427 tokens (2.4x), 1.9-2.8x from 24 to 512
+tokens where ``P`` is kept, 1.3-1.6x from 640 to 1,024 where it is recomputed; rows past 1,024
+keep the flash kernel. In float32 the flash kernel is as fast or faster on short rows (at 24
+tokens, 0.3 vs 0.5 ms), so the node takes bf16 work only (``DTYPES``).
 
 ``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
 call takes this node where it applies (CPU, bf16, causal self-attention without a cache, no
