@@ -88,6 +88,19 @@ def test_rows_that_see_no_key_give_zero_not_nan(keep):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_a_call_under_fake_tensors_leaves_later_calls_alone():
+    """Nothing a call builds outlives it: a call under a fake tensor mode (shape tracing) does not
+    leave a fake mask behind for the real calls after it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t.detach()) for t in qkv(1, 2, 1, 70, 4)]
+        BlockCausalAttention.apply(*fake, None, None, 0.5)
+    q, k, v = qkv(1, 2, 1, 70, 4)
+    BlockCausalAttention.apply(q, k, v, None, None, 0.5).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 def test_bf16_close_to_sdpa():
     """In bf16 the node rounds where the flash kernel rounds: P and dS for their products."""
     q, k, v = qkv(4, 8, 2, 200, 64, dtype=torch.bfloat16)

@@ -1,6 +1,6 @@
 """Causal attention for short rows on CPU, as one autograd node of batched matrix products over
-query blocks (the recomputing backward of FlashAttention, Dao et al. 2022, arXiv 2205.14135,
-with whole key rows per block instead of an online softmax).
+query blocks (after FlashAttention, Dao et al. 2022, arXiv 2205.14135, with whole key rows per
+block instead of an online softmax, and ``P`` kept rather than recomputed for short rows).
 
 For one head, queries ``Q`` (T, d), keys ``K`` and values ``V`` (T, d), scale ``c`` and the
 causal mask ``M`` (``M_ij`` true where ``j <= i``, and the key is not padding):
@@ -18,11 +18,11 @@ Since a block holds whole key rows, ``P`` is one fused softmax over them (maximu
 sum and division in one pass; no running maximum, no log-sum-exp), and ``dS`` is one fused
 softmax-backward pass in bf16 whose ``D`` (equal to ``dO_i . O_i``, the flash kernels' form) is
 summed in float32 from the same ``P`` and ``dP`` the block uses, so each row of ``dS`` sums to
-zero.
+zero up to its rounding to bf16.
 
-What the backward pass reads: ``Q``, ``K``, ``V`` and, for rows up to ``KEEP_TOKENS`` (512) in a
+What the backward pass reads: ``Q``, ``K``, ``V``, the mask (when not row lengths) and, for rows up to ``KEEP_TOKENS`` (512) in a
 call that trains, ``P`` itself as the forward pass rounded it to bf16 for its product, about
-``B H T^2`` bytes per layer (17 MB at 8 rows x 512 tokens x 8 heads). Recomputing ``P`` costs the
+``B H T (T + 64)`` bytes per layer (19 MB at 8 rows x 512 tokens x 8 heads). Recomputing ``P`` costs the
 scores' float32 product again, the masking and the softmax: about a quarter of the node's time
 (8 x 427 tokens: 35 vs 45 ms forward and backward). Longer rows, where ``P`` grows with the
 square of the length, recompute it, as the flash kernels do.
@@ -54,7 +54,6 @@ module declares ``is_causal``) keep ``sdpa``.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any
 
@@ -75,12 +74,15 @@ def _blocks(length: int) -> list[tuple[int, int]]:
     return [(s, min(s + BLOCK, length)) for s in range(0, length, BLOCK)]
 
 
-@functools.cache
-def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(n, n): 0 on and below the diagonal, -inf above. Added to a block's diagonal scores, it
-    masks the causal triangle (several times faster than ``masked_fill_`` on the strided block)."""
-    upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
-    return torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
+def _causal_bias(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(BLOCK, BLOCK): 0 on and below the diagonal, -inf above; its top-left (n, n) corner, added
+    to a block's diagonal scores, masks the causal triangle (several times faster than
+    ``masked_fill_`` on the strided block). Built once per call, not cached across calls (a
+    tensor kept from a call under a fake or meta tensor mode would poison later calls). A
+    non-finite key makes the earlier rows of its diagonal block NaN too (``inf - inf``); its own
+    row and every later one are NaN with any kernel, and so is the loss."""
+    upper = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(BLOCK, BLOCK, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
 
 
 def _probabilities(
@@ -91,8 +93,10 @@ def _probabilities(
     s: int,
     batch: int,
     empty: torch.Tensor | None,
+    bias: torch.Tensor,
 ) -> torch.Tensor:
-    """``P = softmax(c Q K^T)`` for the query block starting at ``s``, (B*Hkv, g, n, e), float32:
+    """``P = softmax(c Q K^T)`` for the query block starting at ``s``, (B*Hkv, g, n, e), in
+    float32 (float64 for float64 inputs):
     the scores are -inf where masked (the causal triangle of the block's diagonal part, and the
     keys at or past each row's ``lengths`` (right padding), or else ``blocked``, True where
     forbidden), then one fused softmax pass (maximum, exponential, sum and division); the rows
@@ -102,7 +106,7 @@ def _probabilities(
     scores = torch.bmm(q_block.reshape(bh, g * n, -1), keys.transpose(1, 2)).view(bh, g, n, e)
     rows = scores.view(batch, -1, g, n, e)
     if blocked is None:
-        scores[..., s:e].add_(_causal_bias(n, scores.dtype, scores.device))
+        scores[..., s:e].add_(bias[:n, :n])
         for row, length in enumerate(lengths or ()):  # only the padded keys' columns
             if length < e:
                 (rows if len(lengths) == 1 else rows[row])[..., length:].fill_(float("-inf"))
@@ -118,7 +122,7 @@ class BlockCausalAttention(torch.autograd.Function):
     """Causal attention over query blocks (see the module doc). ``q`` (B, H, T, d), ``k`` and
     ``v`` (B, Hkv, T, d); the mask is ``blocked``, bool (B or 1, 1, T, T) True where a query may
     not see a key, or else causal with the keys at or past ``lengths[b]`` (one per row, or one for
-    all) hidden, or causal alone (both None); ``keep``: keep ``P`` (in the inputs' dtype) for the
+    all, each at least 1) hidden, or causal alone (both None); ``keep``: keep ``P`` (in the inputs' dtype) for the
     backward pass instead of recomputing it. Returns (B, T, H, d)."""
 
     @staticmethod
@@ -137,13 +141,13 @@ class BlockCausalAttention(torch.autograd.Function):
         g = h // hkv
         qs, ks = _float_qk(q, k, scale)
         vs = v.contiguous().reshape(b * hkv, t, d)
-        empty = _empty_rows(blocked)
+        empty, bias = _empty_rows(blocked), _causal_bias(qs.dtype, q.device)
         out = q.new_empty(b, t, h, d)  # the layout the caller reads: no copy after
         o_view = out.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4)
         kept = []
         for s, e in _blocks(t):
             n = e - s
-            p = _probabilities(qs[:, :, s:e], ks[:, :e], blocked, lengths, s, b, empty)
+            p = _probabilities(qs[:, :, s:e], ks[:, :e], blocked, lengths, s, b, empty, bias)
             p = p.to(q.dtype).view(b * hkv, g * n, e)
             o_view[:, :, :, s:e] = torch.bmm(p, vs[:, :e]).view(b, hkv, g, n, d)
             if keep:
@@ -163,7 +167,7 @@ class BlockCausalAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         if not kept:  # recomputed block by block
             qs, ks = _float_qk(q, k, scale)
-            empty = _empty_rows(blocked)
+            empty, bias = _empty_rows(blocked), _causal_bias(qs.dtype, q.device)
         q_low = q.reshape(b * hkv, g, t, d)
         k_low = k.reshape(b * hkv, t, d)
         grad = grad.to(q.dtype)
@@ -177,7 +181,9 @@ class BlockCausalAttention(torch.autograd.Function):
             if kept:
                 p = kept[i]
             else:
-                p = _probabilities(qs[:, :, s:e], ks[:, :e], blocked, ctx.lengths, s, b, empty)
+                p = _probabilities(
+                    qs[:, :, s:e], ks[:, :e], blocked, ctx.lengths, s, b, empty, bias
+                )
                 p = p.to(q.dtype).view(b * hkv, g * n, e)
             dv[:, :e] += torch.bmm(p.transpose(1, 2), do_block)
             dp = torch.bmm(do_block, vs[:, :e].transpose(1, 2))
