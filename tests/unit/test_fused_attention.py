@@ -14,14 +14,14 @@ from tunesmith.methods import fused_attention
 from tunesmith.methods.fused_attention import BlockCausalAttention, fuse_attention
 
 F64 = {"dtype": torch.float64}
-BF16_ONLY = fused_attention.DTYPES
+AS_SHIPPED = dict(fused_attention.DTYPES)
 
 
 @pytest.fixture(autouse=True)
 def float64_too(monkeypatch):
     """The node takes bf16 work only (where it is the faster kernel); these tests check its maths
     through the model in float64 as well."""
-    monkeypatch.setattr(fused_attention, "DTYPES", (*BF16_ONLY, torch.float64))
+    monkeypatch.setattr(fused_attention, "DTYPES", {**AS_SHIPPED, torch.float64: 2})
 
 
 def qkv(batch, heads, kv_heads, length, dim, dtype=torch.float64, seed=0):
@@ -233,15 +233,21 @@ def test_encoders_keep_sdpa_and_long_windows_take_the_node(monkeypatch):
     assert calls == [1]
 
 
-def test_only_bf16_work_takes_the_node(monkeypatch):
-    """In float32 the flash kernel is faster: a float32 call keeps SDPA; bf16 (as the inputs'
-    dtype or autocast's) takes the node."""
-    monkeypatch.setattr(fused_attention, "DTYPES", BF16_ONLY)
+def test_float32_work_takes_the_node_from_its_shortest_row(monkeypatch):
+    """In float32 the flash kernel is as fast on short rows: a float32 call keeps SDPA below
+    ``DTYPES[float32]`` tokens and takes the node from there; bf16 (as the inputs' dtype or
+    autocast's) takes the node at any length from 2."""
+    monkeypatch.setattr(fused_attention, "DTYPES", AS_SHIPPED)
     calls = node_calls(monkeypatch)
     attn = qwen2().model.layers[0].self_attn
+    shortest = AS_SHIPPED[torch.float32]
+    for length, expected in ((12, []), (shortest - 1, []), (shortest, [1])):
+        calls.clear()
+        q, k, v = qkv(1, 4, 2, length, 8, dtype=torch.float32)
+        out, _ = fused_attention.attention_forward(attn, q, k, v, None)
+        assert calls == expected and out.dtype == torch.float32
+    calls.clear()
     q, k, v = qkv(1, 4, 2, 12, 8, dtype=torch.float32)
-    fused_attention.attention_forward(attn, q, k, v, None)
-    assert calls == []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = fused_attention.attention_forward(attn, q, k, v, None)
     assert calls == [1] and out.dtype == torch.bfloat16

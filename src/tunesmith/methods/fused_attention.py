@@ -42,11 +42,13 @@ float64 attention on the same bf16 inputs (logits of spread 1 to 16), the output
 Measured (``bench/IDEAS.md``), forward and backward against the flash kernel, bf16, 2 cores,
 8 heads over 2 KV heads x 64: 29 vs 70 ms at 8 rows x 427 tokens (2.4x), 1.9-2.8x from 24 to 512
 tokens where ``P`` is kept, 1.3-1.6x from 640 to 1,024 where it is recomputed; rows past 1,024
-keep the flash kernel. In float32 the flash kernel is as fast or faster on short rows (at 24
-tokens, 0.3 vs 0.5 ms), so the node takes bf16 work only (``DTYPES``).
+keep the flash kernel. In float32 the flash kernel is as fast or faster on short rows (1.4 vs
+1.6 ms at 16 x 64, 6.8 vs 7.5 ms at 8 x 128, where ``P`` is recomputed) and slower from ~256
+tokens (27.7 vs 18.1 ms at 8 x 256, 73 vs 47 ms at 8 x 427), so float32 work takes the node from
+``DTYPES[torch.float32]`` = 256 tokens, bf16 work from 2.
 
 ``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
-call takes this node where it applies (CPU, bf16, causal self-attention without a cache, no
+call takes this node where it applies (CPU, bf16 or long float32 rows, causal self-attention without a cache, no
 dropout, no soft-capping or attention sinks, no sliding window shorter than the row, a boolean
 mask that is causal, rows up to ``MAX_TOKENS``), and ``sdpa`` everywhere else. Encoders (no
 module declares ``is_causal``) keep ``sdpa``.
@@ -66,7 +68,8 @@ from tunesmith.methods.fused_lora import compute_dtype
 NAME = "tunesmith_sdpa"  # the name it is registered under with transformers
 BLOCK = 64  # query positions per block
 MAX_TOKENS = 1024  # longer rows: the flash kernel is faster
-DTYPES = (torch.bfloat16,)  # in float32 the flash kernel is faster (module doc)
+# the dtypes the node takes, each with the shortest row it takes (module doc)
+DTYPES = {torch.bfloat16: 2, torch.float32: 256}
 KEEP_TOKENS = 512  # rows up to this long keep P for the backward pass (module doc)
 
 
@@ -276,11 +279,11 @@ def attention_forward(
     dtype = compute_dtype("cpu", query.dtype)
     ok = (
         causal
-        and dtype in DTYPES
+        and DTYPES.get(dtype, MAX_TOKENS + 1) <= length
         and query.device.type == "cpu"
         and not torch.compiler.is_compiling()  # a graph per row length: sdpa's shapes stay dynamic
         and not (dropout and module.training)
-        and 1 < length <= MAX_TOKENS
+        and length <= MAX_TOKENS
         and key.shape[2] == length
         and query.shape[1] % key.shape[1] == 0
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
