@@ -16,16 +16,17 @@ and, for the upstream gradient ``dO``:
 
 Since a block holds whole key rows, ``P`` is one fused softmax over them (maximum, exponential,
 sum and division in one pass; no running maximum, no log-sum-exp), and ``dS`` is one fused
-softmax-backward pass in bf16 whose ``D`` (equal to ``dO_i . O_i``, the flash kernels' form) is
-summed in float32 from the same ``P`` and ``dP`` the block uses, so each row of ``dS`` sums to
-zero up to its rounding to bf16.
+softmax-backward pass in the inputs' dtype whose ``D`` (equal to ``dO_i . O_i``, the flash
+kernels' form) is summed in float32 from the same ``P`` and ``dP`` the block uses, so each row of
+``dS`` sums to zero up to its rounding.
 
-What the backward pass reads: ``Q``, ``K``, ``V``, the mask (when not row lengths) and, for rows up to ``KEEP_TOKENS`` (512) in a
-call that trains, ``P`` itself as the forward pass rounded it to bf16 for its product, about
-``B H T (T + 64)`` bytes per layer (19 MB at 8 rows x 512 tokens x 8 heads). Recomputing ``P`` costs the
-scores' float32 product again, the masking and the softmax: about a quarter of the node's time
-(8 x 427 tokens: 35 vs 45 ms forward and backward). Longer rows, where ``P`` grows with the
-square of the length, recompute it, as the flash kernels do.
+What the backward pass reads: ``Q``, ``K``, ``V``, the mask (when it is not row lengths) and, for
+rows up to ``KEEP_TOKENS`` (512) in a call that trains, ``P`` itself as the forward pass rounded
+it for its product: ``B H T (T + 64)`` elements per layer (19 MB in bf16 at 8 rows x 512 tokens x
+8 heads). Recomputing ``P`` costs the scores' float32 product again, the masking and the softmax:
+about a quarter of the node's time (8 x 427 tokens, bf16: 30.8 vs 42.1 ms forward and backward).
+Longer rows, where ``P`` grows with the square of the length, recompute it, as the flash kernels
+do.
 
 Why: PyTorch's CPU flash kernel works in key blocks of 512, so below ~512 tokens it computes
 every query against every key, masked, with small per-head products. Here the queries of one
@@ -42,15 +43,16 @@ float64 attention on the same bf16 inputs (logits of spread 1 to 16), the output
 Measured (``bench/IDEAS.md``), forward and backward against the flash kernel, bf16, 2 cores,
 8 heads over 2 KV heads x 64: 29 vs 70 ms at 8 rows x 427 tokens (2.4x), 1.9-2.8x from 24 to 512
 tokens where ``P`` is kept, 1.3-1.6x from 640 to 1,024 where it is recomputed; rows past 1,024
-keep the flash kernel. In float32 the flash kernel is as fast or faster on short rows (1.4 vs
-1.6 ms at 16 x 64, 6.8 vs 7.5 ms at 8 x 128, where ``P`` is recomputed) and slower from ~256
+keep the flash kernel. In float32 the flash kernel is faster or as fast on short rows (16 rows x
+24 tokens: 0.3 vs 0.5 ms; 16 x 64: 1.4 vs 1.3; 8 x 128: 6.8 vs 5.8) and clearly slower from ~256
 tokens (27.7 vs 18.1 ms at 8 x 256, 73 vs 47 ms at 8 x 427), so float32 work takes the node from
 ``DTYPES[torch.float32]`` = 256 tokens, bf16 work from 2.
 
 ``fuse_attention`` makes this the attention of a model that uses transformers' ``sdpa``: each
-call takes this node where it applies (CPU, bf16 or long float32 rows, causal self-attention without a cache, no
-dropout, no soft-capping or attention sinks, no sliding window shorter than the row, a boolean
-mask that is causal, rows up to ``MAX_TOKENS``), and ``sdpa`` everywhere else. Encoders (no
+call takes this node where it applies (CPU, bf16 or long enough float32 rows, causal
+self-attention without a cache, no dropout, no soft-capping or attention sinks, no sliding window
+shorter than the row, a boolean mask that is causal, rows up to ``MAX_TOKENS``), and ``sdpa``
+everywhere else. Encoders (no
 module declares ``is_causal``) keep ``sdpa``.
 """
 
@@ -125,8 +127,8 @@ class BlockCausalAttention(torch.autograd.Function):
     """Causal attention over query blocks (see the module doc). ``q`` (B, H, T, d), ``k`` and
     ``v`` (B, Hkv, T, d); the mask is ``blocked``, bool (B or 1, 1, T, T) True where a query may
     not see a key, or else causal with the keys at or past ``lengths[b]`` (one per row, or one for
-    all, each at least 1) hidden, or causal alone (both None); ``keep``: keep ``P`` (in the inputs' dtype) for the
-    backward pass instead of recomputing it. Returns (B, T, H, d)."""
+    all, each at least 1) hidden, or causal alone (both None); ``keep``: keep ``P`` (in the
+    inputs' dtype) for the backward pass instead of recomputing it. Returns (B, T, H, d)."""
 
     @staticmethod
     def forward(
