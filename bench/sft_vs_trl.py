@@ -112,6 +112,8 @@ COMPARISONS = {
     "lora-bf16": ("tunesmith lora bf16", "trl+peft lora bf16"),
     "lora-bf16-vs-trl-fp32": ("tunesmith lora bf16", "trl+peft lora"),
     "full-bf16": ("tunesmith full bf16", "trl full bf16"),
+    # both in float32: what a CPU without native bf16 gets
+    "lora-fp32": ("tunesmith lora fp32", "trl+peft lora"),
 }
 DEFAULT = ("lora", "full")
 
