@@ -52,13 +52,14 @@ tokens (27.7 vs 18.1 ms at 8 x 256, 73 vs 47 ms at 8 x 427), so float32 work tak
 call takes this node where it applies (CPU, bf16 or long enough float32 rows, causal
 self-attention without a cache, no dropout, no soft-capping or attention sinks, no sliding window
 shorter than the row, a boolean mask that is causal, rows up to ``MAX_TOKENS``), and ``sdpa``
-everywhere else. Encoders (no
-module declares ``is_causal``) keep ``sdpa``.
+everywhere else. Encoders (no module declares ``is_causal``) keep ``sdpa``.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -90,37 +91,41 @@ def _causal_bias(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.zeros(BLOCK, BLOCK, dtype=dtype, device=device).masked_fill_(upper, float("-inf"))
 
 
-def _probabilities(
-    q_block: torch.Tensor,
-    keys: torch.Tensor,
+def _probability_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
     blocked: torch.Tensor | None,
     lengths: tuple[int, ...] | None,
-    s: int,
-    batch: int,
-    empty: torch.Tensor | None,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """``P = softmax(c Q K^T)`` for the query block starting at ``s``, (B*Hkv, g, n, e), in
-    float32 (float64 for float64 inputs):
-    the scores are -inf where masked (the causal triangle of the block's diagonal part, and the
-    keys at or past each row's ``lengths`` (right padding), or else ``blocked``, True where
-    forbidden), then one fused softmax pass (maximum, exponential, sum and division); the rows
-    in ``empty`` see no key and are set to zero."""
-    bh, g, n = q_block.shape[0], q_block.shape[1], q_block.shape[2]
-    e = keys.shape[1]
-    scores = torch.bmm(q_block.reshape(bh, g * n, -1), keys.transpose(1, 2)).view(bh, g, n, e)
-    rows = scores.view(batch, -1, g, n, e)
-    if blocked is None:
-        scores[..., s:e].add_(bias[:n, :n])
-        for row, length in enumerate(lengths or ()):  # only the padded keys' columns
-            if length < e:
-                (rows if len(lengths) == 1 else rows[row])[..., length:].fill_(float("-inf"))
-    else:  # (B or 1, 1, n, e) -> over (B, Hkv, g, n, e)
-        rows.masked_fill_(blocked[:, :, s:e, :e].unsqueeze(2), float("-inf"))
-    p = torch.softmax(scores, -1)
-    if empty is not None:
-        p.view(batch, -1, g, n, e).masked_fill_(empty[:, :, s:e].unsqueeze(2), 0.0)
-    return p
+    scale: float,
+) -> Iterator[torch.Tensor]:
+    """``P = softmax(c Q K^T)`` for each query block of ``_blocks`` in turn, rounded to the
+    inputs' dtype for its products, (B*Hkv, g*n, e). The scores are computed in float32 (float64
+    for float64 inputs) from ``c Q`` and ``K`` cast once, -inf where masked (the causal triangle
+    of the block's diagonal part, and the keys at or past each row's ``lengths`` (right padding),
+    or else ``blocked``, True where forbidden), then one fused softmax pass (maximum, exponential,
+    sum and division); rows that see no key are set to zero."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qs = (q.to(acc) * scale).reshape(b * hkv, g, t, d)
+    ks = k.to(acc).reshape(b * hkv, t, d)
+    empty, bias = _empty_rows(blocked), _causal_bias(acc, q.device)
+    for s, e in _blocks(t):
+        n = e - s
+        scores = torch.bmm(qs[:, :, s:e].reshape(b * hkv, g * n, d), ks[:, :e].transpose(1, 2))
+        rows = scores.view(b, hkv, g, n, e)
+        if blocked is None:
+            rows[..., s:e].add_(bias[:n, :n])
+            for row, length in enumerate(lengths or ()):  # only the padded keys' columns
+                if length < e:
+                    (rows if len(lengths) == 1 else rows[row])[..., length:].fill_(float("-inf"))
+        else:  # (B or 1, 1, n, e) -> over (B, Hkv, g, n, e)
+            rows.masked_fill_(blocked[:, :, s:e, :e].unsqueeze(2), float("-inf"))
+        p = torch.softmax(scores, -1)
+        if empty is not None:
+            p.view(b, hkv, g, n, e).masked_fill_(empty[:, :, s:e].unsqueeze(2), 0.0)
+        yield p.to(q.dtype)
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -144,17 +149,12 @@ class BlockCausalAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        qs, ks = _float_qk(q, k, scale)
         vs = v.contiguous().reshape(b * hkv, t, d)
-        empty, bias = _empty_rows(blocked), _causal_bias(qs.dtype, q.device)
         out = q.new_empty(b, t, h, d)  # the layout the caller reads: no copy after
         o_view = out.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4)
         kept = []
-        for s, e in _blocks(t):
-            n = e - s
-            p = _probabilities(qs[:, :, s:e], ks[:, :e], blocked, lengths, s, b, empty, bias)
-            p = p.to(q.dtype).view(b * hkv, g * n, e)
-            o_view[:, :, :, s:e] = torch.bmm(p, vs[:, :e]).view(b, hkv, g, n, d)
+        for (s, e), p in zip(_blocks(t), _probability_blocks(q, k, blocked, lengths, scale)):
+            o_view[:, :, :, s:e] = torch.bmm(p, vs[:, :e]).view(b, hkv, g, e - s, d)
             if keep:
                 kept.append(p)
         ctx.save_for_backward(q, k, vs, blocked, *kept)
@@ -170,9 +170,7 @@ class BlockCausalAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = h // hkv
         acc = torch.promote_types(q.dtype, torch.float32)
-        if not kept:  # recomputed block by block
-            qs, ks = _float_qk(q, k, scale)
-            empty, bias = _empty_rows(blocked), _causal_bias(qs.dtype, q.device)
+        probabilities = kept or _probability_blocks(q, k, blocked, ctx.lengths, scale)
         q_low = q.reshape(b * hkv, g, t, d)
         k_low = k.reshape(b * hkv, t, d)
         grad = grad.to(q.dtype)
@@ -180,16 +178,9 @@ class BlockCausalAttention(torch.autograd.Function):
         dq = torch.empty(b * hkv, g, t, d, dtype=q.dtype, device=q.device)
         dk = torch.zeros(b * hkv, t, d, dtype=acc, device=q.device)
         dv = torch.zeros(b * hkv, t, d, dtype=acc, device=q.device)
-        for i, (s, e) in enumerate(_blocks(t)):
+        for (s, e), p in zip(_blocks(t), probabilities):
             n = e - s
             do_block = d_out[:, :, s:e].reshape(b * hkv, g * n, d)
-            if kept:
-                p = kept[i]
-            else:
-                p = _probabilities(
-                    qs[:, :, s:e], ks[:, :e], blocked, ctx.lengths, s, b, empty, bias
-                )
-                p = p.to(q.dtype).view(b * hkv, g * n, e)
             dv[:, :e] += torch.bmm(p.transpose(1, 2), do_block)
             dp = torch.bmm(do_block, vs[:, :e].transpose(1, 2))
             # dS = P * (dP - D), D_i = sum_j P_ij dP_ij: one fused pass, float32 inside
@@ -199,16 +190,6 @@ class BlockCausalAttention(torch.autograd.Function):
         dq = dq.mul_(scale).view(b, h, t, d)
         dk = (dk * scale).to(k.dtype).view(b, hkv, t, d)
         return dq, dk, dv.to(k.dtype).view(b, hkv, t, d), None, None, None, None
-
-
-def _float_qk(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``c Q`` as (B*Hkv, g, T, d) and ``K`` as (B*Hkv, T, d), in float32 (float64 for float64):
-    the scores' product then rounds nothing."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qs = (q.to(acc) * scale).reshape(b * hkv, h // hkv, t, d)
-    return qs, k.to(acc).reshape(b * hkv, t, d)
 
 
 def _empty_rows(blocked: torch.Tensor | None) -> torch.Tensor | None:
@@ -281,11 +262,10 @@ def attention_forward(
     dtype = compute_dtype("cpu", query.dtype)
     ok = (
         causal
-        and DTYPES.get(dtype, MAX_TOKENS + 1) <= length
+        and DTYPES.get(dtype, math.inf) <= length <= MAX_TOKENS
         and query.device.type == "cpu"
         and not torch.compiler.is_compiling()  # a graph per row length: sdpa's shapes stay dynamic
         and not (dropout and module.training)
-        and length <= MAX_TOKENS
         and key.shape[2] == length
         and query.shape[1] % key.shape[1] == 0
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
