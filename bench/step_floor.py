@@ -114,7 +114,7 @@ def main() -> None:
             None,
             None,
             head_dim**-0.5,
-            length <= KEEP_TOKENS,  # as a training call
+            length <= KEEP_TOKENS.get(dtype, 0),  # as a training call
         ),
     }
     per_kernel = {

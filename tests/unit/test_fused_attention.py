@@ -257,12 +257,13 @@ def test_float32_work_takes_the_node_from_its_shortest_row(monkeypatch):
 
 
 def test_training_calls_keep_p_up_to_keep_tokens(monkeypatch):
-    """A call that trains keeps ``P`` for rows up to ``KEEP_TOKENS``, and recomputes it for
-    longer rows; a call without gradients (a reference model's forward) keeps nothing."""
+    """A call that trains keeps ``P`` for rows up to its dtype's ``KEEP_TOKENS``, and recomputes
+    it for longer rows and dtypes without an entry (float32); a call without gradients (a
+    reference model's forward) keeps nothing."""
     keeps = []
     node = BlockCausalAttention.apply
     monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: keeps.append(a[-1]) or node(*a))
-    monkeypatch.setattr(fused_attention, "KEEP_TOKENS", 100)
+    monkeypatch.setattr(fused_attention, "KEEP_TOKENS", {torch.float64: 100})
     attn = qwen2().model.layers[0].self_attn
     for length in (100, 101):
         out, _ = fused_attention.attention_forward(attn, *qkv(1, 4, 2, length, 8), None)
@@ -271,7 +272,9 @@ def test_training_calls_keep_p_up_to_keep_tokens(monkeypatch):
         assert kept == (blocks if length <= 100 else 0)
     with torch.no_grad():
         fused_attention.attention_forward(attn, *qkv(1, 4, 2, 100, 8), None)
-    assert keeps == [True, False, False]
+    shortest = fused_attention.DTYPES[torch.float32]
+    fused_attention.attention_forward(attn, *qkv(1, 4, 2, shortest, 8, torch.float32), None)
+    assert keeps == [True, False, False, False]
 
 
 def test_right_padding_masks_become_row_lengths():

@@ -20,13 +20,15 @@ softmax-backward pass in the inputs' dtype whose ``D`` (equal to ``dO_i . O_i``,
 kernels' form) is summed in float32 from the same ``P`` and ``dP`` the block uses, so each row of
 ``dS`` sums to zero up to its rounding.
 
-What the backward pass reads: ``Q``, ``K``, ``V``, the mask (when it is not row lengths) and, for
-rows up to ``KEEP_TOKENS`` (512) in a call that trains, ``P`` itself as the forward pass rounded
-it for its product: ``B H T (T + 64)`` elements per layer (19 MB in bf16 at 8 rows x 512 tokens x
-8 heads). Recomputing ``P`` costs the scores' float32 product again, the masking and the softmax:
-about a quarter of the node's time (8 x 427 tokens, bf16: 30.8 vs 42.1 ms forward and backward).
-Longer rows, where ``P`` grows with the square of the length, recompute it, as the flash kernels
-do.
+What the backward pass reads: ``Q``, ``K``, ``V``, the mask (when it is not row lengths) and, in
+a bf16 call that trains on rows up to ``KEEP_TOKENS`` (512), ``P`` itself as the forward pass
+rounded it for its product: ``B H T (T + 64)`` elements per layer (19 MB at 8 rows x 512 tokens
+x 8 heads). Recomputing ``P`` costs the scores' float32 product again, the masking and the
+softmax: about a quarter of the node's time (8 x 427 tokens: 30.8 vs 42.1 ms forward and
+backward), 5-15% of a short-workload LoRA step, for ~115 MB more peak memory there. In float32
+``P`` would take twice the bytes and, measured, saves nothing (short workload, SFT LoRA: 1.93 vs
+1.98 s per step for 1.50 vs 1.25 GB peak), so float32 calls recompute it, as do longer rows,
+where ``P`` grows with the square of the length.
 
 Why: PyTorch's CPU flash kernel works in key blocks of 512, so below ~512 tokens it computes
 every query against every key, masked, with small per-head products. Here the queries of one
@@ -73,7 +75,8 @@ BLOCK = 64  # query positions per block
 MAX_TOKENS = 1024  # longer rows: the flash kernel is faster
 # the dtypes the node takes, each with the shortest row it takes (module doc)
 DTYPES = {torch.bfloat16: 2, torch.float32: 256}
-KEEP_TOKENS = 512  # rows up to this long keep P for the backward pass (module doc)
+# per dtype, the longest row whose P is kept for the backward pass; others recompute it (module doc)
+KEEP_TOKENS = {torch.bfloat16: 512}
 
 
 def _blocks(length: int) -> list[tuple[int, int]]:
@@ -284,7 +287,7 @@ def attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     with torch.autocast("cpu", enabled=False):
         query, key, value = (t.to(dtype) for t in (query, key, value))
-        keep = torch.is_grad_enabled() and length <= KEEP_TOKENS
+        keep = torch.is_grad_enabled() and length <= KEEP_TOKENS.get(dtype, 0)
         out = BlockCausalAttention.apply(query, key, value, blocked, lengths, scale, keep)
     return out, None
 
