@@ -76,6 +76,12 @@ class DataConfig:
     group_by_length: bool = True
     """Unpacked training batches examples of similar length together (shuffled within windows
     of 64 batches, batch order shuffled), so little of a batch is padding."""
+    share_prompt: bool | Literal["auto"] = "auto"
+    """Lay each preference pair in one row, its prompt once and each response after it, the
+    responses hidden from each other: the same log-probabilities for fewer tokens (tasks that
+    score responses by their log-probabilities: ``dpo``). ``train.batch_size`` still counts
+    pairs. ``auto``: on CPU, where it was measured faster (bench/IDEAS.md), for methods that
+    leave rows to the data and models that take the row's own mask; off on GPUs (not measured)."""
     loss_on: Literal["completion", "all"] = "completion"
     """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
     empty_completion: Literal["warn", "drop", "error"] = "warn"

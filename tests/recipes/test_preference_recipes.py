@@ -32,12 +32,12 @@ def pairs(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
-def run(task, method, out, model, data, lr=1e-2, **extra):
+def run(task, method, out, model, data, lr=1e-2, data_settings=None, **extra):
     cfg = {
         "model": str(model),
         "task": task,
         "method": method,
-        "data": {"train": str(data), "eval": str(data), "max_length": 32},
+        "data": {"train": str(data), "eval": str(data), "max_length": 32, **(data_settings or {})},
         "train": {
             "max_steps": 16,
             "batch_size": 8,
@@ -66,6 +66,24 @@ def test_dpo_siblings_run(cache, tmp_path, micro, pairs, loss):
         dpo={"loss": loss, "label_smoothing": 0.1},
     )
     assert after["eval_loss"] < before["eval_loss"]
+
+
+def test_dpo_with_shared_prompt_rows_trains_as_with_separate_rows(
+    cache, tmp_path, micro, pairs, capsys
+):
+    """``data.share_prompt`` (on by default on CPU) changes how pairs are laid out, not what is
+    learned: the held-out loss and accuracy after training are those of separate rows."""
+    _, first, shared = run("dpo", "lora", tmp_path / "a", micro, pairs, lr=3e-3)
+    assert (
+        "data.share_prompt: pairs laid one per row with the prompt once" in capsys.readouterr().err
+    )
+    _, _, apart = run(
+        "dpo", "lora", tmp_path / "b", micro, pairs, lr=3e-3, data_settings={"share_prompt": False}
+    )
+    assert "data.share_prompt" not in capsys.readouterr().err
+    assert shared["eval_loss"] < first["eval_loss"]
+    assert shared["eval_loss"] == pytest.approx(apart["eval_loss"], rel=1e-4)
+    assert shared["eval_accuracy"] == apart["eval_accuracy"]
 
 
 def test_dpo_full_with_frozen_copy_matches_cache(cache, tmp_path, micro, pairs):

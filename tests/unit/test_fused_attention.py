@@ -39,6 +39,17 @@ def padding_mask(lengths, length):
     return torch.ones(length, length, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
 
 
+def assert_equal_with_gradients(got, ref, real, inputs):
+    """``got`` equals ``ref`` in float64 on the ``real`` query rows, and so do the gradients of
+    ``inputs`` under a random upstream gradient on those rows."""
+    upstream = torch.randn(got.shape, **F64) * real
+    torch.testing.assert_close(got * real, ref * real, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad((got * upstream).sum(), inputs)
+    theirs = torch.autograd.grad((ref * upstream).sum(), inputs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("length", [1 + 1, 37, 64, 150])
 @pytest.mark.parametrize("padded", [None, "lengths", "mask"])
 @pytest.mark.parametrize("keep", [True, False])
@@ -59,12 +70,46 @@ def test_node_equals_sdpa_with_gradients(length, padded, keep):
     real = torch.ones(3, length, 1, 1, **F64)
     if padded:
         real = mask[:, 0].diagonal(dim1=1, dim2=2)[:, :, None, None].to(F64["dtype"])
-    upstream = torch.randn(got.shape, **F64) * real
-    torch.testing.assert_close(got * real, ref * real, rtol=1e-12, atol=1e-12)
-    ours = torch.autograd.grad((got * upstream).sum(), (q, k, v))
-    theirs = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_equal_with_gradients(got, ref, real, (q, k, v))
+
+
+def shared_rows_mask(rows, length):
+    """A mask like ``collate_shared``'s: per row (prefix, first response, second response), the
+    second response's queries hidden from the first response's keys, right padding after."""
+    mask = torch.ones(len(rows), 1, length, length, dtype=torch.bool).tril()
+    for b, (p, c, r) in enumerate(rows):
+        mask[b, 0, p + c : p + c + r, p : p + c] = False
+        mask[b, 0, :, p + c + r :] = False
+    return mask
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_rows_sharing_a_prompt_are_read_as_rectangles_and_equal_sdpa(keep):
+    """A mask whose rows share a prompt (each second response hidden from the first) is read as
+    row lengths plus one hidden rectangle per row (filled only there), and the node then equals
+    SDPA with that mask in float64, output and gradients, on rows across several blocks."""
+    rows, length = [(30, 70, 90), (5, 1, 40), (0, 20, 30)], 190
+    mask = shared_rows_mask(rows, length)
+    ok, blocked, lengths, spans = fused_attention._node_mask(mask, length)
+    assert ok and blocked is None and lengths == (190, 46, 50)
+    assert spans == ((0, 100, 190, 30, 100), (1, 6, 46, 5, 6), (2, 20, 50, 0, 20))
+    q, k, v = qkv(3, 4, 2, length, 8)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    got = BlockCausalAttention.apply(q, k, v, None, lengths, 8**-0.5, keep, spans)
+    real = mask[:, 0].diagonal(dim1=1, dim2=2)[:, :, None, None].to(F64["dtype"])
+    assert_equal_with_gradients(got, ref, real, (q, k, v))
+
+
+def test_hidden_entries_that_are_no_rectangle_keep_the_whole_mask():
+    """Hidden entries that are not one rectangle left of its queries per row (two rectangles, or
+    one touching the diagonal) are not read as spans: the node takes the whole mask."""
+    mask = shared_rows_mask([(2, 10, 10)], 30)
+    mask[0, 0, 25, 0] = False  # a second, separate hidden entry
+    ok, blocked, lengths, spans = fused_attention._node_mask(mask, 30)
+    assert ok and lengths is None and spans is None and torch.equal(blocked, ~mask)
+    mask = shared_rows_mask([(2, 10, 10)], 30)
+    mask[0, 0, 12:22, 12] = False  # the rectangle now reaches its first query's own key
+    assert fused_attention._node_mask(mask, 30)[3] is None
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -257,12 +302,13 @@ def test_float32_work_takes_the_node_from_its_shortest_row(monkeypatch):
 
 
 def test_training_calls_keep_p_up_to_keep_tokens(monkeypatch):
-    """A call that trains keeps ``P`` for rows up to its dtype's ``KEEP_TOKENS``, and recomputes
-    it for longer rows and dtypes without an entry (float32); a call without gradients (a
-    reference model's forward) keeps nothing."""
+    """A call that trains keeps ``P`` for rows up to its dtype's ``KEEP_TOKENS`` (twice that for
+    rows that hold a pair sharing its prompt), and recomputes it for longer rows and dtypes
+    without an entry (float32); a call without gradients (a reference model's forward) keeps
+    nothing."""
     keeps = []
     node = BlockCausalAttention.apply
-    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: keeps.append(a[-1]) or node(*a))
+    monkeypatch.setattr(BlockCausalAttention, "apply", lambda *a: keeps.append(a[6]) or node(*a))
     monkeypatch.setattr(fused_attention, "KEEP_TOKENS", {torch.float64: 100})
     attn = qwen2().model.layers[0].self_attn
     for length in (100, 101):
@@ -274,19 +320,22 @@ def test_training_calls_keep_p_up_to_keep_tokens(monkeypatch):
         fused_attention.attention_forward(attn, *qkv(1, 4, 2, 100, 8), None)
     shortest = fused_attention.DTYPES[torch.float32]
     fused_attention.attention_forward(attn, *qkv(1, 4, 2, shortest, 8, torch.float32), None)
-    assert keeps == [True, False, False, False]
+    for length in (200, 201):  # a row holding a pair that shares its prompt: twice as long
+        mask = shared_rows_mask([(20, 80, length - 100)], length)
+        fused_attention.attention_forward(attn, *qkv(1, 4, 2, length, 8), mask)
+    assert keeps == [True, False, False, False, True, False]
 
 
 def test_right_padding_masks_become_row_lengths():
     """transformers' mask for right-padded rows is read as row lengths (only the padded keys'
     columns are then filled); left padding, a bidirectional mask or a float mask are not."""
     right = padding_mask([5, 3], 5)
-    assert fused_attention._node_mask(right, 5)[1:] == (None, (5, 3))
-    assert fused_attention._node_mask(None, 5) == (True, None, None)
+    assert fused_attention._node_mask(right, 5)[1:] == (None, (5, 3), None)
+    assert fused_attention._node_mask(None, 5) == (True, None, None, None)
     real = torch.arange(5)[None, :] >= torch.tensor([0, 2])[:, None]
     left = torch.ones(5, 5, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
-    ok, blocked, lengths = fused_attention._node_mask(left, 5)
-    assert ok and lengths is None and torch.equal(blocked, ~left)
+    ok, blocked, lengths, spans = fused_attention._node_mask(left, 5)
+    assert ok and lengths is None and spans is None and torch.equal(blocked, ~left)
     assert not fused_attention._node_mask(torch.ones(1, 1, 5, 5, dtype=torch.bool), 5)[0]
     assert not fused_attention._node_mask(torch.zeros(1, 1, 5, 5), 5)[0]
 
@@ -300,8 +349,8 @@ def test_the_mask_is_read_once_per_forward(monkeypatch):
     mask = padding_mask([6, 4], 6)
     first = fused_attention._node_mask(mask, 6)
     assert fused_attention._node_mask(mask, 6) == first and reads == [1]
-    mask[1, 0, 5, 3] = False  # changed in place: read again, no longer plain right padding
-    ok, blocked, lengths = fused_attention._node_mask(mask, 6)
+    mask[1, 0, 2, 2] = False  # changed in place: read again, no longer plain right padding
+    ok, blocked, lengths, spans = fused_attention._node_mask(mask, 6)
     assert reads == [1, 1] and lengths is None and torch.equal(blocked, ~mask)
     fused_attention._node_mask(padding_mask([6, 4], 6), 6)
     assert reads == [1, 1, 1]

@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_jsonl
@@ -10,15 +11,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.config import DataConfig, load_config
-from tunesmith.data.batching import Batches
+from tunesmith.data.batching import Batches, shared_prefix
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.kinds import PAIRS as PAIRS_KIND
-from tunesmith.errors import DataError
+from tunesmith.data.tokenize import IGNORE, Example
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import build_method, method_config
 from tunesmith.objectives.dpo import LOSSES, DPOObjective, PairLogps
 from tunesmith.objectives.reference import cached_reference_logps, compute_reference_logps
 from tunesmith.objectives.reward import rewards
-from tunesmith.objectives.sft import sequence_logps
+from tunesmith.objectives.sft import scores_shared_rows, sequence_logps
+from tunesmith.tasks.base import Context, share_prompt
 
 PAIRS = [
     {"prompt": "Q: 2+2=", "chosen": " 4", "rejected": " 5"},
@@ -108,6 +111,82 @@ def test_dpo_loss_and_gradients_equal_trl(llama, tmp_path, tok):
     assert float(loss.detach()) == pytest.approx(float(trl_loss.detach()), abs=1e-4)
     for (name, p), (_, q) in zip(policy.named_parameters(), trl_policy.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_pairs_sharing_a_prompt_score_as_separate_rows(llama, tmp_path, tok, monkeypatch):
+    """A pair laid in one row with its prompt once (``collate_shared``) gives the DPO loss, its
+    gradients and the cached reference log-probs of the pair in two rows, in fewer token slots."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    data = pair_data(tok, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    cached_reference_logps(
+        model, data.train, load_config({"model": str(llama)}), torch.device("cpu")
+    )
+    frozen = copy.deepcopy(model).eval()
+    objective = DPOObjective(
+        load_config({"dpo": {"beta": 0.1}}).dpo, lambda m, b: sequence_logps(frozen, b)[0]
+    )
+    results = []
+    for share in (False, True):
+        b = Batches(data.train, 4, 64, tok.pad_token_id, False, 0, group=2, share_prefix=share)
+        batch = b.collate(b.plan(0)[0])
+        model.zero_grad()
+        loss, metrics = objective(model, batch)
+        (loss / objective.count(batch)).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((batch, loss.detach(), metrics, grads, sequence_logps(model, batch)))
+    (apart, loss_a, m_a, g_a, lp_a), (shared, loss_s, m_s, g_s, lp_s) = results
+    assert shared.input_ids.shape[0] == 4 and apart.input_ids.shape[0] == 8
+    assert shared.input_ids.numel() < apart.input_ids.numel()
+    assert shared.n_tokens == apart.n_tokens and shared.sequences == apart.sequences == 8
+    torch.testing.assert_close(lp_s, lp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_s, loss_a, rtol=1e-5, atol=1e-6)
+    assert m_s == pytest.approx(m_a, rel=1e-4, abs=1e-6)
+    for a, b in zip(g_a, g_s):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(shared.extras["ref_logp"], apart.extras["ref_logp"])
+
+
+def test_shared_prefix_ends_before_the_first_target():
+    """Members share the leading tokens they agree on and that have no target: the prompt less
+    its last token (whose target is each response's first token), never a response's tokens,
+    and each member keeps at least one token of its own."""
+
+    def ex(ids, prompt):
+        ids = np.array(ids)
+        labels = np.full(len(ids), IGNORE)
+        labels[prompt - 1 : -1] = ids[prompt:]
+        return Example(ids, labels, "x")
+
+    assert shared_prefix([ex([1, 2, 3, 4, 5], 3), ex([1, 2, 3, 6], 3)]) == 2
+    assert shared_prefix([ex([1, 2, 3, 4, 5], 3), ex([1, 2, 3, 4, 6], 3)]) == 2  # same reply start
+    assert shared_prefix([ex([1, 2, 3, 4], 3), ex([9, 2, 3, 4], 3)]) == 0
+    assert shared_prefix([ex([1, 2, 3], 3), ex([1, 2, 3], 3)]) == 2  # no targets at all
+    assert shared_prefix([ex([1, 2], 1), ex([1, 3], 1)]) == 0
+
+
+def test_share_prompt_needs_a_model_that_takes_the_rows_mask(llama, tmp_path, tok):
+    """The check on a tiny pair passes for a model that takes a 4-D mask and fails for one that
+    drops it (its second response would see the first); ``data.share_prompt: true`` then stops
+    with the reason, and a task that scores rows otherwise (reward) refuses it."""
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    assert scores_shared_rows(model)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: (args, {**kwargs, "attention_mask": None}), with_kwargs=True
+    )
+    assert not scores_shared_rows(model)
+    data = pair_data(tok, tmp_path)
+    for task, model_ok, error in (
+        ("dpo", False, "does not score a row with its own 4-D mask"),
+        ("reward", True, "task 'reward' does not score its rows by their log-probabilities"),
+    ):
+        cfg = load_config({"model": str(llama), "task": task, "data": {"share_prompt": True}})
+        ctx = Context(cfg, model, tok, None, torch.device("cpu"), data, True, lambda: None)
+        ctx.shared["share_prompt"] = model_ok
+        with pytest.raises(ConfigError, match=error):
+            share_prompt(ctx)
+        ctx.cfg.data.share_prompt = "auto"
+        assert not share_prompt(ctx)
 
 
 def test_disabled_method_reference_equals_base(llama, tmp_path, tok):

@@ -94,6 +94,14 @@ class Batch:
     packed: bool = False  # some row holds several examples
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     token_type_ids: torch.Tensor | None = None  # (B, T) segment ids of text pairs (BERT), if any
+    sequence_ids: torch.Tensor | None = None
+    """(B, T) the sequence whose target each position holds, when a row holds several sequences
+    that share a prompt (``collate_shared``); None: each row is one sequence."""
+    visible: torch.Tensor | None = None
+    """(B, 1, T, T) bool, True where a query may see a key, for rows whose sequences share a
+    prompt; passed to the model instead of ``attention_mask``."""
+    n_sequences: int | None = None
+    """Sequences in the batch when rows share prompts; None: one per row."""
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -108,6 +116,9 @@ class Batch:
             self.packed,
             {k: move(v) for k, v in self.extras.items()},
             None if self.token_type_ids is None else move(self.token_type_ids),
+            None if self.sequence_ids is None else move(self.sequence_ids),
+            None if self.visible is None else move(self.visible),
+            self.n_sequences,
         )
 
     @property
@@ -119,14 +130,30 @@ class Batch:
         """(B, T) bool: positions with a next-token target."""
         return self.labels != IGNORE
 
+    @property
+    def sequences(self) -> int:
+        """Sequences (scored responses, examples) in the batch: its rows, unless they share."""
+        return self.input_ids.shape[0] if self.n_sequences is None else self.n_sequences
+
+    def supervised_sequence(self) -> torch.Tensor:
+        """(N,) the sequence of each supervised position, in the row-major order of
+        ``supervised``: its row, or its entry of ``sequence_ids``."""
+        if self.sequence_ids is None:
+            return self.supervised.nonzero()[:, 0]
+        return self.sequence_ids[self.supervised]
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for the root model's forward.
 
         A packed batch passes no attention mask: transformers then reads the example boundaries
         from the restarting position ids and builds a block-diagonal causal mask (padding at the
-        end of a row is a block of its own, never attended to by real tokens)."""
+        end of a row is a block of its own, never attended to by real tokens). Rows whose
+        sequences share a prompt pass their own 4-D mask (``visible``), which transformers takes
+        as it is."""
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        if not self.packed:
+        if self.visible is not None:
+            inputs["attention_mask"] = self.visible
+        elif not self.packed:
             inputs["attention_mask"] = self.attention_mask
         if self.token_type_ids is not None:
             inputs["token_type_ids"] = self.token_type_ids
@@ -180,6 +207,93 @@ def collate(examples: list[Example], rows: list[Row], pad_id: int) -> Batch:
     )
 
 
+def shared_prefix(members: list[Example]) -> int:
+    """How many leading tokens the ``members`` of a group (a preference pair) can share: those
+    on which every member has the same token and no target (the prompt, less its last token,
+    whose target is each member's first response token). Each member keeps at least one token
+    of its own."""
+    n = min(len(m) for m in members) - 1
+    if n <= 0:
+        return 0
+    ids = np.stack([m.input_ids[:n] for m in members])
+    labels = np.stack([m.labels[:n] for m in members])
+    same = (ids == ids[0]).all(0) & (labels == IGNORE).all(0)
+    return n if bool(same.all()) else int(np.argmin(same))
+
+
+def _shared_length(members: list[Example]) -> int:
+    s = shared_prefix(members)
+    return s + sum(len(m) - s for m in members)
+
+
+def collate_shared(examples: list[Example], groups: list[int], size: int, pad_id: int) -> Batch:
+    """Lay each group of ``size`` consecutive examples (a pair: chosen, rejected) into one row:
+    the prefix its members share (``shared_prefix``) once, then each member's own tokens, with
+    the position ids each token has in its own example and a mask in which a member's tokens see
+    the prefix and themselves, never another member's (prefix sharing: Wang and Hegde 2024,
+    "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv 2410.20305).
+
+    Every token therefore has the hidden state, and every target the log-probability, it has in
+    its own row (``collate``), while the prompt is computed once per group instead of once per
+    member. ``sequence_ids`` names each target's example in the order ``collate`` would give
+    its rows (all first members, then all second members, ...), so per-sequence sums and the
+    objectives that read them are unchanged. ``n_tokens`` counts the members' tokens, as for
+    separate rows. Padding queries see every real key before them (their output is unused)."""
+    members = [[examples[size * gr + m] for m in range(size)] for gr in groups]
+    shared = [shared_prefix(ms) for ms in members]
+    lengths = [s + sum(len(m) - s for m in ms) for s, ms in zip(shared, members)]
+    b, width = len(groups), max(lengths)
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    labels = np.full((b, width), IGNORE, dtype=np.int64)
+    pos = np.zeros((b, width), dtype=np.int64)
+    seq = np.full((b, width), -1, dtype=np.int64)
+    mask = np.zeros((b, width), dtype=np.int64)
+    visible = np.tril(np.ones((width, width), dtype=bool))[None].repeat(b, 0)
+    types = None
+    if all(m.token_types is not None for ms in members for m in ms):
+        types = np.zeros((b, width), dtype=np.int64)
+    for row, (s, ms) in enumerate(zip(shared, members)):
+        first = ms[0]
+        ids[row, :s], pos[row, :s] = first.input_ids[:s], np.arange(s)
+        if types is not None:
+            types[row, :s] = first.token_types[:s]
+        t = s
+        for k, m in enumerate(ms):
+            n = len(m) - s
+            ids[row, t : t + n], labels[row, t : t + n] = m.input_ids[s:], m.labels[s:]
+            pos[row, t : t + n] = np.arange(s, len(m))
+            seq[row, t : t + n] = k * b + row
+            if types is not None:
+                types[row, t : t + n] = m.token_types[s:]
+            visible[row, t : t + n, s:t] = False  # the members before this one
+            t += n
+        mask[row, :t] = 1
+        visible[row, :, t:] = False  # padding keys
+        pos[row, t:] = np.arange(width - t)
+    extras = {}
+    for key, value in members[0][0].extras.items():
+        if not all(key in m.extras for ms in members for m in ms):
+            continue
+        if isinstance(value, np.ndarray):  # per scored position, in the order of labels[mask]
+            extras[key] = torch.from_numpy(
+                np.concatenate([m.extras[key] for ms in members for m in ms])
+            )
+        else:
+            extras[key] = torch.tensor([ms[k].extras[key] for k in range(size) for ms in members])
+    return Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(mask),
+        torch.from_numpy(pos),
+        torch.from_numpy(labels),
+        sum(len(m) for ms in members for m in ms),
+        extras=extras,
+        token_type_ids=None if types is None else torch.from_numpy(types),
+        sequence_ids=torch.from_numpy(seq),
+        visible=torch.from_numpy(visible)[:, None],
+        n_sequences=b * size,
+    )
+
+
 class BatchSource(Protocol):
     """What the loop trains on: a replayable data set or a producer (e.g. rollouts).
 
@@ -214,11 +328,13 @@ class Batches:
         shuffle: bool = True,
         group: int = 1,
         group_by_length: bool = False,
+        share_prefix: bool = False,
     ) -> None:
         """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
         preference pair: chosen, rejected); the unit of order and batching is a group, and a
         batch of B groups has kB rows, all first members, then all second members, and so on.
-        Groups are never packed.
+        Groups are never packed. With ``share_prefix`` a group is one row instead, its prompt
+        laid once (``collate_shared``).
 
         Unpacked and shuffled, ``group_by_length`` batches examples of similar length together
         (see ``group_by_length``)."""
@@ -231,11 +347,17 @@ class Batches:
         self.seed = seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
+        self.share_prefix = share_prefix and group > 1
         self.position = 0  # (global) micro-batches handed out so far
         self.rank, self.world = 0, 1
         lengths = [len(e) for e in examples]
-        # A group is as long as its longest member.
-        self.lengths = [max(lengths[i : i + group]) for i in range(0, len(examples), group)]
+        # A group is as long as its longest member, or as its shared row.
+        self.lengths = [
+            _shared_length(examples[i : i + group])
+            if self.share_prefix
+            else max(lengths[i : i + group])
+            for i in range(0, len(examples), group)
+        ]
         self._plans: dict[int, list[list[Row]]] = {}
 
     def shard(self, rank: int, world: int) -> None:
@@ -291,6 +413,8 @@ class Batches:
     def collate(self, rows: list[Row]) -> Batch:
         rows = self._slice(rows)
         g = self.group
+        if self.share_prefix:
+            return collate_shared(self.examples, [r[0] for r in rows], g, self.pad_id)
         if g > 1:
             rows = [[g * r[0] + m] for m in range(g) for r in rows]
         return collate(self.examples, rows, self.pad_id)

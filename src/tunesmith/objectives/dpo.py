@@ -127,7 +127,7 @@ class DPOObjective:
         self.reference = reference
 
     def count(self, batch: Batch) -> int:
-        return batch.input_ids.shape[0] // 2
+        return batch.sequences // 2
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         logps, tokens = sequence_logps(model, batch)  # (2P,) in one forward pass

@@ -36,31 +36,48 @@ def cache_key(model: nn.Module, examples: list[Example], cfg: Config) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(
-    model: nn.Module, examples: list[Example], batch_size: int, device: torch.device, precision: str
+    model: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    group: int = 1,
+    share_prefix: bool = False,
 ) -> np.ndarray:
-    """log ref(y|x) of every example (summed over its scored tokens), in example order."""
+    """log ref(y|x) of every example (summed over its scored tokens), in example order. Groups
+    of ``group`` examples (a pair's responses) are batched as training batches them, in one
+    row each with ``share_prefix``, so the reference sees the layout the policy sees."""
     was_training = model.training
     model.eval()
     out = np.zeros(len(examples), dtype=np.float32)
-    batches = Batches(examples, batch_size, 0, 0, packing=False, seed=0, shuffle=False)
-    for rows in batches.plan(0):  # one example per row, so row k is example rows[k][0]
+    batches = Batches(
+        examples, batch_size, 0, 0, False, 0, False, group=group, share_prefix=share_prefix
+    )
+    for rows in batches.plan(0):  # one group per row: sequence k * B + b is member k of row b
         with autocast(device, precision):
             logps, _ = sequence_logps(model, batches.collate(rows).to(device))
-        out[[r[0] for r in rows]] = logps.float().cpu().numpy()
+        order = [group * r[0] + k for k in range(group) for r in rows]
+        out[order] = logps.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
 def cached_reference_logps(
-    model: nn.Module, examples: list[Example], cfg: Config, device: torch.device
+    model: nn.Module,
+    examples: list[Example],
+    cfg: Config,
+    device: torch.device,
+    group: int = 1,
+    share_prefix: bool = False,
 ) -> Path:
-    """Attach ``extras["ref_logp"]`` to every example, from the cache or computed now; return the file."""
+    """Attach ``extras["ref_logp"]`` to every example, from the cache or computed now (batched
+    as ``compute_reference_logps`` says); return the file."""
     path = cache_root() / "reference" / f"{cache_key(model, examples, cfg)}.safetensors"
     if path.exists():
         values = load_file(str(path))["logps"].numpy()
     else:
         values = compute_reference_logps(
-            model, examples, cfg.train.batch_size, device, cfg.train.precision
+            model, examples, cfg.train.batch_size, device, cfg.train.precision, group, share_prefix
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

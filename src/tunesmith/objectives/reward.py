@@ -42,7 +42,7 @@ class RewardObjective:
         self.margin = margin
 
     def count(self, batch: Batch) -> int:
-        return batch.input_ids.shape[0] // 2
+        return batch.sequences // 2
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         r = rewards(model, batch)

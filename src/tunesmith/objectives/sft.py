@@ -31,10 +31,12 @@ import sys
 import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from tunesmith.data.batching import Batch
+from tunesmith.data.batching import Batch, collate, collate_shared
+from tunesmith.data.tokenize import IGNORE, Example
 from tunesmith.objectives import logps as _logps
 
 _POSTPROCESSED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -143,15 +145,50 @@ class SFTObjective:
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (sum of log p of its supervised tokens (R,), number of them (R,)).
+    """Per sequence (a row, or a member of a row that shares its prompt): (sum of log p of its
+    supervised tokens (R,), number of them (R,)).
 
-    For preference pairs a row is one response with its prompt: log pi(y | x) = sum_t log pi(y_t | x, y_<t).
+    For preference pairs a sequence is one response with its prompt:
+    log pi(y | x) = sum_t log pi(y_t | x, y_<t).
     """
     token_logps = supervised_token_logps(model, batch)  # (N,)
-    rows = batch.supervised.nonzero()[:, 0]  # (N,) row of each supervised token
-    n_rows = batch.labels.shape[0]
-    sums = torch.zeros(n_rows, device=token_logps.device).index_add(0, rows, token_logps)
-    counts = torch.zeros(n_rows, device=token_logps.device).index_add(
-        0, rows, torch.ones_like(token_logps)
+    seqs = batch.supervised_sequence()  # (N,) sequence of each supervised token
+    n = batch.sequences
+    sums = torch.zeros(n, device=token_logps.device).index_add(0, seqs, token_logps)
+    counts = torch.zeros(n, device=token_logps.device).index_add(
+        0, seqs, torch.ones_like(token_logps)
     )
     return sums, counts
+
+
+@torch.no_grad()
+def scores_shared_rows(model: nn.Module) -> bool:
+    """Whether ``model`` gives a pair laid in one row with its prompt shared
+    (``batching.collate_shared``) the same sequence log-probs as the pair in two rows: it must
+    take the 4-D mask as given and place tokens by the position ids. Checked on a tiny random
+    pair, in the model's own dtype, with dropout off; a model that rejects the mask fails it."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(emb.num_embeddings, (5,), generator=gen).numpy()
+    pair = []
+    for n in (3, 4):
+        ids = np.concatenate(
+            [prompt, torch.randint(emb.num_embeddings, (n,), generator=gen).numpy()]
+        )
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels[len(prompt) - 1 : -1] = ids[len(prompt) :]
+        pair.append(Example(ids, labels, "probe"))
+    was_training = model.training
+    model.eval()
+    try:
+        apart, _ = sequence_logps(model, collate(pair, [[0], [1]], 0).to(weight.device))
+        shared, _ = sequence_logps(model, collate_shared(pair, [0], 2, 0).to(weight.device))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    return bool(torch.allclose(apart.float(), shared.float(), rtol=0, atol=tolerance))

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from tunesmith.config import Config, register_task_settings
+from tunesmith.console import say
 from tunesmith.data.batching import Batches, BatchSource
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.kinds import RecordKind
 from tunesmith.errors import ConfigError
 from tunesmith.methods import Method
+from tunesmith.objectives.sft import scores_shared_rows
 from tunesmith.training.loop import Objective
 
 
@@ -51,7 +53,8 @@ def replayable(ctx: Context) -> BatchSource:
     """The default batch source: the training split, reshuffled every epoch, resumable."""
     d, t = ctx.cfg.data, ctx.cfg.train
     kind = TASKS[ctx.cfg.task].records
-    return Batches(
+    share = share_prompt(ctx)
+    batches = Batches(
         ctx.data.train,
         t.batch_size,
         d.max_length,
@@ -60,7 +63,16 @@ def replayable(ctx: Context) -> BatchSource:
         t.seed,
         group=kind.group,
         group_by_length=d.group_by_length,
+        share_prefix=share,
     )
+    if share and ctx.training:
+        before = sum(len(e) for e in ctx.data.train)
+        saved = 100 * (1 - sum(batches.lengths) / max(before, 1))
+        say(
+            f"data.share_prompt: {kind.unit} laid one per row with the prompt once, "
+            f"{saved:.0f}% fewer tokens to compute"
+        )
+    return batches
 
 
 def held_out(ctx: Context) -> Batches | None:
@@ -77,7 +89,37 @@ def held_out(ctx: Context) -> Batches | None:
         0,
         shuffle=False,
         group=kind.group,
+        share_prefix=share_prompt(ctx),
     )
+
+
+def share_prompt(ctx: Context) -> bool:
+    """``data.share_prompt`` resolved for this run: the task must score its records' rows only
+    by their log-probabilities (``Task.shares_prompt``), the method leave rows to the data, and
+    the model score a shared row as it scores separate rows (checked once, on a tiny pair:
+    ``sft.scores_shared_rows``). ``auto`` is on for CPU only (the speed was measured there)."""
+    setting, task = ctx.cfg.data.share_prompt, TASKS[ctx.cfg.task]
+    if setting is False or (setting == "auto" and ctx.device.type != "cpu"):
+        return False
+    if not task.shares_prompt or task.records.group < 2:
+        if setting is True:
+            raise ConfigError(
+                f"data.share_prompt: task '{task.name}' does not score its rows by their "
+                "log-probabilities alone, so rows cannot share a prompt; set it to auto or false."
+            )
+        return False
+    if "share_prompt" not in ctx.shared:
+        method_ok = ctx.method is None or ctx.method.packing_ok
+        ctx.shared["share_prompt"] = method_ok and scores_shared_rows(ctx.model)
+    ok = ctx.shared["share_prompt"]
+    if setting is True and not ok:
+        why = (
+            f"method '{ctx.method.name}' puts virtual tokens in front of each row"
+            if ctx.method is not None and not ctx.method.packing_ok
+            else "this model does not score a row with its own 4-D mask as it scores separate rows"
+        )
+        raise ConfigError(f"data.share_prompt: {why}; set it to auto or false.")
+    return ok
 
 
 def record_counts(data: PreparedData, kind: RecordKind) -> tuple[int, int]:
@@ -137,6 +179,10 @@ class Task:
     """Logged metrics the run report plots, one panel each, beside the loss curve."""
     rising: tuple[str, ...] = ()
     """Logged held-out metrics that rise as the task is learned (``eval_loss`` always falls)."""
+    shares_prompt: bool = False
+    """Whether the objective reads each row of a record only through its summed token
+    log-probabilities (``sft.sequence_logps``), so the rows of a record (a pair's responses) may
+    share one row with their common prompt computed once (``data.share_prompt``)."""
     batch_is_global: bool = False
     """Whether ``train.batch_size`` is already the global batch under torchrun (the RL producers
     split each rollout batch's prompts between processes), rather than a per-process batch that

@@ -29,7 +29,7 @@ from tunesmith.methods.base import method_class
 from tunesmith.objectives.dpo import REFERENCE_FREE, DPOConfig, DPOObjective
 from tunesmith.objectives.reference import cached_reference_logps
 from tunesmith.objectives.sft import sequence_logps
-from tunesmith.tasks.base import Context, Task, register
+from tunesmith.tasks.base import Context, Task, register, share_prompt
 from tunesmith.training.distributed import main_first
 
 Reference = Callable[[nn.Module, Batch], torch.Tensor]
@@ -78,10 +78,15 @@ def make_objective(ctx: Context) -> DPOObjective:
         return DPOObjective(cfg.dpo, disabled_reference(ctx.method))
     if mode == "copy" or not ctx.training:  # a finished run: its starting model, freshly loaded
         return DPOObjective(cfg.dpo, model_reference(ctx.starting_model()))
+    share = share_prompt(ctx)  # the layout training uses: the same roundings at step 0
     for split in (ctx.data.train, ctx.data.eval):
         if split:
             # Under torchrun rank 0 computes them once; the others read its cache file.
-            path = main_first(lambda s=split: cached_reference_logps(ctx.model, s, cfg, ctx.device))
+            path = main_first(
+                lambda s=split: cached_reference_logps(
+                    ctx.model, s, cfg, ctx.device, PAIRS.group, share
+                )
+            )
     say(f"reference log-probs cached in {path.parent}")
     return DPOObjective(cfg.dpo, cached_reference)
 
@@ -105,5 +110,6 @@ DPO = register(
         check=check,
         compare_metrics=("eval_loss", "eval_accuracy"),
         rising=("eval_accuracy",),
+        shares_prompt=True,
     )
 )
