@@ -11,7 +11,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.batching import Batches, group_by_length, pack_rows
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.io import read_records
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.preview import mark_supervised
 
 
@@ -221,7 +221,12 @@ def test_batches_reproducible_and_resumable(tmp_path, tok, pc_data):
     state = Batches(data.train, 4, 64, tok.pad_token_id, True, 3)
     state.load_state_dict({"position": 6})
     resumed = [x.input_ids for _, x in zip(range(4), state.stream())]
-    assert b.state_dict() == {"position": 10, "rows_per_micro": 4, "world": 1}
+    assert b.state_dict() == {
+        "position": 10,
+        "rows_per_micro": 4,
+        "world": 1,
+        "share_prefix": False,
+    }
     assert all(np.array_equal(a, c) for a, c in zip(first, again))
     assert all(np.array_equal(a, c) for a, c in zip(first[6:], resumed))
 
@@ -254,3 +259,19 @@ def test_grouped_batches_resume_and_preference_pairs(tmp_path, tok, pc_data):
     pairs = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, group=2, group_by_length=True)
     batch = pairs.collate(pairs.plan(0)[0])
     assert batch.input_ids.shape[0] == 4  # two pairs: both chosen rows, then both rejected
+
+
+def test_resume_refuses_another_pair_layout(tmp_path, tok, pc_data):
+    """Pairs in one row are planned by their shared rows' lengths: a checkpoint taken with one
+    layout is not resumed with the other (its batches would differ), with a message that says
+    which setting resumes it."""
+    data = prep(tok, pc_data)
+    kw = dict(group=2, group_by_length=True)
+    shared = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, share_prefix=True, **kw)
+    apart = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, **kw)
+    state = shared.state_dict()
+    Batches(data.train, 2, 64, tok.pad_token_id, False, 3, share_prefix=True, **kw).load_state_dict(
+        state
+    )
+    with pytest.raises(TunesmithError, match="set data.share_prompt: true to resume it exactly"):
+        apart.load_state_dict(state)

@@ -445,6 +445,7 @@ class Batches:
             "position": self.position,
             "rows_per_micro": self.rows_per_micro,
             "world": self.world,
+            "share_prefix": self.share_prefix,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -452,6 +453,18 @@ class Batches:
         micro-batch size (another ``batch_size x world``) is converted through the rows it had
         consumed, which must be exactly those of a whole number of the new micro-batches."""
         self.position = int(state["position"])
+        if state.get("share_prefix", self.share_prefix) != self.share_prefix:
+            setting = "true" if state["share_prefix"] else "false"
+            raise TunesmithError(
+                "--resume: the checkpoint's run "
+                + (
+                    "laid each pair in one row"
+                    if state["share_prefix"]
+                    else "kept pairs in two rows"
+                )
+                + f" (data.share_prompt), which orders batches by other lengths; set "
+                f"data.share_prompt: {setting} to resume it exactly."
+            )
         width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
         if (width, world) != (self.rows_per_micro, self.world):
             self.position = self._convert(self.position, width, world)
