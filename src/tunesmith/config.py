@@ -80,8 +80,11 @@ class DataConfig:
     """Lay each preference pair in one row, its prompt once and each response after it, the
     responses hidden from each other: the same log-probabilities for fewer tokens (tasks that
     score responses by their log-probabilities: ``dpo``). ``train.batch_size`` still counts
-    pairs. ``auto``: on CPU, where it was measured faster (bench/IDEAS.md), for methods that
-    leave rows to the data and models that take the row's own mask; off on GPUs (not measured)."""
+    pairs; batches group pairs by the length of their rows, so the two layouts meet pairs in
+    different batches. Possible for methods that leave rows to the data and models that take
+    the row's own mask and hide no keys by a sliding window shorter than ``max_length``.
+    ``auto``: on CPU where possible (measured faster there, bench/IDEAS.md); off on GPUs (not
+    measured); a resumed run keeps its checkpoint's layout."""
     loss_on: Literal["completion", "all"] = "completion"
     """Supervise only the completion / assistant tokens (with their end-of-turn token), or all."""
     empty_completion: Literal["warn", "drop", "error"] = "warn"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import base_config
+from conftest import base_config, write_jsonl
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -29,6 +29,7 @@ import tunesmith.training.loop as loop_module
 from tunesmith.config import load_config
 from tunesmith.errors import SaveError, TunesmithError
 from tunesmith.objectives.sft import SFTObjective
+from tunesmith.tasks import base as task_base
 from tunesmith.training import checkpoint as ckpt
 from tunesmith.training.guard import Interrupted, NonFiniteError, SignalGuard
 from tunesmith.training.optim import lr_factor, warmup_steps
@@ -240,6 +241,39 @@ def test_sigint_writes_a_checkpoint_and_resumes_bitwise(llama, pc_data, tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
     tunesmith.train(config(llama, pc_data, out, max_steps=6, save_every=None), resume=True)
+    assert_same_run(ref, out)
+
+
+def test_dpo_resumes_with_its_pair_layout_where_auto_resolves_otherwise(
+    llama, tmp_path, monkeypatch, capsys
+):
+    """A DPO run whose pairs were laid one per row (``data.share_prompt: auto`` on CPU), resumed
+    where ``auto`` would keep separate rows (as on a GPU), takes the checkpoint's layout and ends
+    bitwise equal to the uninterrupted run."""
+    rows = [
+        {"prompt": f"Q: {a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 3}, no"}
+        for a in range(5)
+        for b in range(4)
+    ]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def dpo(out):
+        c = config(llama, pairs, out, max_steps=6, save_every=None)
+        return {**c, "task": "dpo"}
+
+    ref = tmp_path / "ref"
+    tunesmith.train(dpo(ref))
+    out = tmp_path / "run"
+    _signal_at_step(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(Interrupted):
+        tunesmith.train(dpo(out))
+    monkeypatch.undo()
+    monkeypatch.setattr(task_base, "AUTO_SHARE_DEVICES", ())
+    capsys.readouterr()
+    tunesmith.train(dpo(out), resume=True)
+    assert (
+        "pairs laid as the checkpoint's run laid them (one row per pair)" in capsys.readouterr().err
+    )
     assert_same_run(ref, out)
 
 

@@ -261,17 +261,26 @@ def test_grouped_batches_resume_and_preference_pairs(tmp_path, tok, pc_data):
     assert batch.input_ids.shape[0] == 4  # two pairs: both chosen rows, then both rejected
 
 
-def test_resume_refuses_another_pair_layout(tmp_path, tok, pc_data):
-    """Pairs in one row are planned by their shared rows' lengths: a checkpoint taken with one
-    layout is not resumed with the other (its batches would differ), with a message that says
-    which setting resumes it."""
+def test_resume_takes_the_checkpoints_pair_layout(tmp_path, tok, pc_data):
+    """Pairs in one row are planned by their shared rows' lengths. A checkpoint taken with one
+    layout resumes with that layout where it is possible (``data.share_prompt: auto`` may resolve
+    otherwise on another device), so the batches continue exactly; a checkpoint of shared rows
+    where they are not possible stops with a one-line message."""
     data = prep(tok, pc_data)
     kw = dict(group=2, group_by_length=True)
-    shared = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, share_prefix=True, **kw)
-    apart = Batches(data.train, 2, 64, tok.pad_token_id, False, 3, **kw)
-    state = shared.state_dict()
-    Batches(data.train, 2, 64, tok.pad_token_id, False, 3, share_prefix=True, **kw).load_state_dict(
-        state
-    )
-    with pytest.raises(TunesmithError, match="set data.share_prompt: true to resume it exactly"):
-        apart.load_state_dict(state)
+
+    def batches(**more):
+        return Batches(data.train, 2, 64, tok.pad_token_id, False, 3, **kw, **more)
+
+    shared, apart = batches(share_prefix=True), batches()
+    assert shared.plan(0) != apart.plan(0)
+    shared.position = 3
+    resumed = batches(shareable=True)
+    resumed.load_state_dict(shared.state_dict())
+    assert resumed.share_prefix and resumed.plan(0) == shared.plan(0)
+    apart.position = 3
+    back = batches(share_prefix=True)
+    back.load_state_dict(apart.state_dict())
+    assert not back.share_prefix and back.plan(0) == apart.plan(0)
+    with pytest.raises(TunesmithError, match="laid each pair in one row"):
+        batches().load_state_dict(shared.state_dict())

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tunesmith.builtin.tokenizer import build_tokenizer
 from tunesmith.config import DataConfig, load_config
-from tunesmith.data.batching import Batches, shared_prefix
+from tunesmith.data.batching import Batches, collate, collate_shared, shared_prefix
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.kinds import PAIRS as PAIRS_KIND
 from tunesmith.data.tokenize import IGNORE, Example
@@ -170,11 +170,11 @@ def test_share_prompt_needs_a_model_that_takes_the_rows_mask(llama, tmp_path, to
     drops it (its second response would see the first); ``data.share_prompt: true`` then stops
     with the reason, and a task that scores rows otherwise (reward) refuses it."""
     model = AutoModelForCausalLM.from_pretrained(llama)
-    assert scores_shared_rows(model)
+    assert scores_shared_rows(model, 64)
     model.register_forward_pre_hook(
         lambda m, args, kwargs: (args, {**kwargs, "attention_mask": None}), with_kwargs=True
     )
-    assert not scores_shared_rows(model)
+    assert not scores_shared_rows(model, 64)
     data = pair_data(tok, tmp_path)
     for task, model_ok, error in (
         ("dpo", False, "does not score a row with its own 4-D mask"),
@@ -186,7 +186,32 @@ def test_share_prompt_needs_a_model_that_takes_the_rows_mask(llama, tmp_path, to
         with pytest.raises(ConfigError, match=error):
             share_prompt(ctx)
         ctx.cfg.data.share_prompt = "auto"
-        assert not share_prompt(ctx)
+        assert share_prompt(ctx) == (False, task == "dpo" and model_ok)
+
+
+def test_a_sliding_window_shorter_than_the_examples_keeps_separate_rows():
+    """transformers takes a 4-D mask as given for sliding-window layers too, so a shared row
+    would lose the window: a model whose window is shorter than ``data.max_length`` keeps
+    separate rows (the tiny pair of the check is shorter than any window and cannot show it),
+    and one whose window holds every example may share (the window then hides nothing)."""
+    from conftest import small_decoder
+    from transformers import MistralForCausalLM
+
+    model = small_decoder(MistralForCausalLM, sliding_window=16).eval()
+    assert not scores_shared_rows(model, 32)
+    assert scores_shared_rows(model, 16)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(64, (20,), generator=gen).numpy()
+    pair = []
+    for n in (10, 12):  # 30 and 32 tokens: longer than the window
+        ids = np.concatenate([prompt, torch.randint(64, (n,), generator=gen).numpy()])
+        labels = np.full(len(ids), IGNORE)
+        labels[len(prompt) - 1 : -1] = ids[len(prompt) :]
+        pair.append(Example(ids, labels, "x"))
+    with torch.no_grad():
+        apart = sequence_logps(model, collate(pair, [[0], [1]], 0))[0]
+        shared = sequence_logps(model, collate_shared(pair, [0], 2, 0))[0]
+    assert not torch.allclose(apart, shared, atol=1e-4)  # why: the window is lost when shared
 
 
 def test_disabled_method_reference_equals_base(llama, tmp_path, tok):

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tunesmith.console import say
 from tunesmith.data.tokenize import IGNORE, Example
 from tunesmith.errors import TunesmithError
 
@@ -329,12 +330,15 @@ class Batches:
         group: int = 1,
         group_by_length: bool = False,
         share_prefix: bool = False,
+        shareable: bool | None = None,
     ) -> None:
         """With ``group`` = k > 1, ``examples`` come in groups of k rows that stay together (a
         preference pair: chosen, rejected); the unit of order and batching is a group, and a
         batch of B groups has kB rows, all first members, then all second members, and so on.
         Groups are never packed. With ``share_prefix`` a group is one row instead, its prompt
-        laid once (``collate_shared``).
+        laid once (``collate_shared``), and batches are planned by those rows' lengths;
+        ``shareable`` (default: ``share_prefix``) says whether that layout is possible at all, so
+        that a resumed run can take its checkpoint's layout (``load_state_dict``).
 
         Unpacked and shuffled, ``group_by_length`` batches examples of similar length together
         (see ``group_by_length``)."""
@@ -348,17 +352,22 @@ class Batches:
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.share_prefix = share_prefix and group > 1
+        self.shareable = self.share_prefix if shareable is None else shareable and group > 1
         self.position = 0  # (global) micro-batches handed out so far
         self.rank, self.world = 0, 1
-        lengths = [len(e) for e in examples]
-        # A group is as long as its longest member, or as its shared row.
-        self.lengths = [
-            _shared_length(examples[i : i + group])
-            if self.share_prefix
-            else max(lengths[i : i + group])
-            for i in range(0, len(examples), group)
-        ]
         self._plans: dict[int, list[list[Row]]] = {}
+        self._lay_out(self.share_prefix)
+
+    def _lay_out(self, share_prefix: bool) -> None:
+        """Lay groups one per row or not, and plan batches by the rows' lengths: a group is as
+        long as its shared row, or as its longest member."""
+        self.share_prefix = share_prefix
+        ex, g = self.examples, self.group
+        self.lengths = [
+            _shared_length(ex[i : i + g]) if share_prefix else max(len(e) for e in ex[i : i + g])
+            for i in range(0, len(ex), g)
+        ]
+        self._plans.clear()
 
     def shard(self, rank: int, world: int) -> None:
         """Hand this process (``rank`` of ``world``) its slice of every global micro-batch.
@@ -453,17 +462,19 @@ class Batches:
         micro-batch size (another ``batch_size x world``) is converted through the rows it had
         consumed, which must be exactly those of a whole number of the new micro-batches."""
         self.position = int(state["position"])
-        if state.get("share_prefix", self.share_prefix) != self.share_prefix:
-            setting = "true" if state["share_prefix"] else "false"
-            raise TunesmithError(
-                "--resume: the checkpoint's run "
-                + (
-                    "laid each pair in one row"
-                    if state["share_prefix"]
-                    else "kept pairs in two rows"
+        saved = state.get("share_prefix", False)
+        if saved != self.share_prefix:  # data.share_prompt: auto resolved otherwise here
+            if saved and not self.shareable:
+                raise TunesmithError(
+                    "--resume: the checkpoint's run laid each pair in one row "
+                    "(data.share_prompt), which this model or method cannot do here; resume it "
+                    "with the versions of torch and transformers it started with."
                 )
-                + f" (data.share_prompt), which orders batches by other lengths; set "
-                f"data.share_prompt: {setting} to resume it exactly."
+            self._lay_out(saved)
+            say(
+                "--resume: pairs laid as the checkpoint's run laid them ("
+                + ("one row" if saved else "two rows")
+                + " per pair), so the batches continue exactly"
             )
         width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
         if (width, world) != (self.rows_per_micro, self.world):

@@ -3,8 +3,9 @@
 With full fine-tuning there is no frozen base to switch back to, so instead of keeping a second
 model in memory, ``log ref(y|x)`` of every response is computed before training and stored at
 ``<cache>/reference/<key>.safetensors``. The key hashes the model's identity
-(``models.weights_fingerprint``: path, config and weight files' sizes and times) and the tokenised
-data (``fingerprint_examples``), so a change to either recomputes.
+(``models.weights_fingerprint``: path, config and weight files' sizes and times), the precision
+and pair layout they are computed in, and the tokenised data (``fingerprint_examples``), so a
+change to any recomputes.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from tunesmith.paths import cache_root
 from tunesmith.training.precision import autocast
 
 
-def cache_key(model: nn.Module, examples: list[Example], cfg: Config) -> str:
+def cache_key(
+    model: nn.Module, examples: list[Example], cfg: Config, share_prefix: bool = False
+) -> str:
+    """The model's identity and dtype, the precision and pair layout the values are computed
+    in (their roundings), and the tokenised data."""
     h = hashlib.sha256()
     source = str(getattr(model.config, "_name_or_path", cfg.model.name))
     h.update(f"{weights_fingerprint(source, cfg.model.revision)}|{cfg.model.dtype}".encode())
+    h.update(f"|{cfg.train.precision}|shared={share_prefix}".encode())
     fingerprint_examples(h, examples)
     return h.hexdigest()[:32]
 
@@ -72,7 +78,8 @@ def cached_reference_logps(
 ) -> Path:
     """Attach ``extras["ref_logp"]`` to every example, from the cache or computed now (batched
     as ``compute_reference_logps`` says); return the file."""
-    path = cache_root() / "reference" / f"{cache_key(model, examples, cfg)}.safetensors"
+    key = cache_key(model, examples, cfg, share_prefix)
+    path = cache_root() / "reference" / f"{key}.safetensors"
     if path.exists():
         values = load_file(str(path))["logps"].numpy()
     else:

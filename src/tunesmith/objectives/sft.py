@@ -161,12 +161,32 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     return sums, counts
 
 
+def _window(model: nn.Module) -> int | None:
+    """The sliding window of the model's attention layers that use one, or None."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return window if any("sliding" in str(k) for k in kinds) else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 @torch.no_grad()
-def scores_shared_rows(model: nn.Module) -> bool:
+def scores_shared_rows(model: nn.Module, longest: int) -> bool:
     """Whether ``model`` gives a pair laid in one row with its prompt shared
-    (``batching.collate_shared``) the same sequence log-probs as the pair in two rows: it must
-    take the 4-D mask as given and place tokens by the position ids. Checked on a tiny random
-    pair, in the model's own dtype, with dropout off; a model that rejects the mask fails it."""
+    (``batching.collate_shared``) the same sequence log-probs as the pair in two rows, for
+    examples of up to ``longest`` tokens. It must take the 4-D mask as given and place tokens by
+    the position ids: checked on a tiny random pair, in the model's own dtype, with dropout off
+    (any error there, e.g. a model that rejects the mask, fails it). And no attention layer may
+    hide keys by a sliding window shorter than ``longest``: transformers takes a 4-D mask as
+    given for those layers too, so the window would be lost in a shared row (where the tiny
+    pair cannot show it)."""
+    window = _window(model)
+    if window is not None and window < longest:
+        return False
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is None:
@@ -186,7 +206,7 @@ def scores_shared_rows(model: nn.Module) -> bool:
     try:
         apart, _ = sequence_logps(model, collate(pair, [[0], [1]], 0).to(weight.device))
         shared, _ = sequence_logps(model, collate_shared(pair, [0], 2, 0).to(weight.device))
-    except (RuntimeError, ValueError, TypeError, IndexError):
+    except Exception:  # a model that cannot run a shared row at all: keep separate rows
         return False
     finally:
         model.train(was_training)

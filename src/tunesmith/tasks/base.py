@@ -53,7 +53,7 @@ def replayable(ctx: Context) -> BatchSource:
     """The default batch source: the training split, reshuffled every epoch, resumable."""
     d, t = ctx.cfg.data, ctx.cfg.train
     kind = TASKS[ctx.cfg.task].records
-    share = share_prompt(ctx)
+    share, possible = share_prompt(ctx)
     batches = Batches(
         ctx.data.train,
         t.batch_size,
@@ -64,6 +64,7 @@ def replayable(ctx: Context) -> BatchSource:
         group=kind.group,
         group_by_length=d.group_by_length,
         share_prefix=share,
+        shareable=possible,
     )
     if share and ctx.training:
         before = sum(len(e) for e in ctx.data.train)
@@ -89,37 +90,46 @@ def held_out(ctx: Context) -> Batches | None:
         0,
         shuffle=False,
         group=kind.group,
-        share_prefix=share_prompt(ctx),
+        share_prefix=share_prompt(ctx)[0],
     )
 
 
-def share_prompt(ctx: Context) -> bool:
-    """``data.share_prompt`` resolved for this run: the task must score its records' rows only
-    by their log-probabilities (``Task.shares_prompt``), the method leave rows to the data, and
-    the model score a shared row as it scores separate rows (checked once, on a tiny pair:
-    ``sft.scores_shared_rows``). ``auto`` is on for CPU only (the speed was measured there)."""
+AUTO_SHARE_DEVICES = ("cpu",)
+"""Devices where ``data.share_prompt: auto`` lays pairs one per row: where it was measured faster
+(bench/IDEAS.md); GPUs keep separate rows until it is measured there."""
+
+
+def share_prompt(ctx: Context) -> tuple[bool, bool]:
+    """``data.share_prompt`` resolved for this run: (whether pairs are laid one per row, whether
+    they could be). They could when the task scores its records' rows only by their
+    log-probabilities (``Task.shares_prompt``), the method leaves rows to the data, and the model
+    scores a shared row as it scores separate rows (``sft.scores_shared_rows``, checked once).
+    ``auto`` lays them so on CPU only (the speed was measured there); a resumed run follows its
+    checkpoint's layout where it can (``Batches.load_state_dict``)."""
     setting, task = ctx.cfg.data.share_prompt, TASKS[ctx.cfg.task]
-    if setting is False or (setting == "auto" and ctx.device.type != "cpu"):
-        return False
     if not task.shares_prompt or task.records.group < 2:
         if setting is True:
             raise ConfigError(
                 f"data.share_prompt: task '{task.name}' does not score its rows by their "
                 "log-probabilities alone, so rows cannot share a prompt; set it to auto or false."
             )
-        return False
+        return False, False
     if "share_prompt" not in ctx.shared:
         method_ok = ctx.method is None or ctx.method.packing_ok
-        ctx.shared["share_prompt"] = method_ok and scores_shared_rows(ctx.model)
-    ok = ctx.shared["share_prompt"]
-    if setting is True and not ok:
+        ctx.shared["share_prompt"] = method_ok and scores_shared_rows(
+            ctx.model, ctx.cfg.data.max_length
+        )
+    possible = ctx.shared["share_prompt"]
+    if setting is True and not possible:
         why = (
             f"method '{ctx.method.name}' puts virtual tokens in front of each row"
             if ctx.method is not None and not ctx.method.packing_ok
-            else "this model does not score a row with its own 4-D mask as it scores separate rows"
+            else "this model does not score a row with its own 4-D mask as it scores separate "
+            "rows (or hides keys by a sliding window shorter than data.max_length)"
         )
         raise ConfigError(f"data.share_prompt: {why}; set it to auto or false.")
-    return ok
+    chosen = setting is True or (setting == "auto" and ctx.device.type in AUTO_SHARE_DEVICES)
+    return possible and chosen, possible
 
 
 def record_counts(data: PreparedData, kind: RecordKind) -> tuple[int, int]:

@@ -78,7 +78,7 @@ def make_objective(ctx: Context) -> DPOObjective:
         return DPOObjective(cfg.dpo, disabled_reference(ctx.method))
     if mode == "copy" or not ctx.training:  # a finished run: its starting model, freshly loaded
         return DPOObjective(cfg.dpo, model_reference(ctx.starting_model()))
-    share = share_prompt(ctx)  # the layout training uses: the same roundings at step 0
+    share = share_prompt(ctx)[0]  # the layout training uses: the same roundings at step 0
     for split in (ctx.data.train, ctx.data.eval):
         if split:
             # Under torchrun rank 0 computes them once; the others read its cache file.
