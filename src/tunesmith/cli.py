@@ -282,7 +282,7 @@ def _cmd_data(a: argparse.Namespace) -> None:
     task = get_task(cfg.task)
     if task.prepare is not None:  # settings that come from the data (a classifier's classes)
         task.prepare(cfg)
-    print(preview(cfg, task.records, ensure_model(cfg.model.name), a.examples))
+    print(preview(cfg, task.records, ensure_model(cfg.model.name), a.examples, task.shares_prompt))
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:

@@ -31,7 +31,9 @@ def mark_supervised(ex: Example, tokenizer: Any) -> str:
     return "".join(out)
 
 
-def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
+def preview(
+    cfg: Config, kind: RecordKind, model_path: str, n: int = 3, shares_prompt: bool = False
+) -> str:
     """Rendered examples of the first ``n`` records of the task's ``kind``, and statistics."""
     tokenizer = load_tokenizer(cfg.model, model_path)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, kind)
@@ -91,6 +93,13 @@ def preview(cfg: Config, kind: RecordKind, model_path: str, n: int = 3) -> str:
         f"{' or identical sides' if group > 1 else ''} {s.dropped_unsupervised}, empty completion {s.dropped_empty}, malformed {s.skipped_bad})",
         f"  packing efficiency {100 * packed.packing_efficiency():.1f}% packed vs {100 * unpacked.packing_efficiency():.1f}% padded (data.packing={cfg.data.packing}, data.group_by_length={cfg.data.group_by_length})",
     ]
+    if shares_prompt and group > 1:  # the task may lay each record in one row
+        shared = Batches(data.train, 1, 0, 0, False, 0, group=group, share_prefix=True)
+        saved = 100 * (1 - sum(shared.lengths) / max(s.tokens, 1))
+        lines.append(
+            f"  shared prompt      {saved:.1f}% fewer tokens to compute with each of the "
+            f"{kind.unit} in one row (data.share_prompt={cfg.data.share_prompt}; auto: on CPU)"
+        )
     same = tokenizer.pad_token_id == tokenizer.eos_token_id
     lines.append(
         f"  pad token          {tokenizer.pad_token!r}"

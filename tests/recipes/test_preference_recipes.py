@@ -6,6 +6,7 @@ check the mechanics (metrics start at chance and improve as the model fits); the
 real numbers come from `tunesmith train configs/dpo_lora.yaml`."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,6 +141,17 @@ def test_data_preview_shows_pairs(cache, tmp_path, micro, pairs, capsys):
     assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "--- chosen: " in out and "--- rejected: " in out and "[[ 0</s>]]" in out
+    saved = re.search(
+        r"shared prompt +([0-9.]+)% fewer tokens to compute with each of the pairs", out
+    )
+    assert saved and 0 < float(saved.group(1)) < 50  # a prompt shared by two responses
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model": micro, "task": "reward", "data": {"train": str(pairs), "eval": None}}
+        )
+    )
+    assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
+    assert "shared prompt" not in capsys.readouterr().out  # a reward model scores rows otherwise
 
 
 @pytest.mark.parametrize(
