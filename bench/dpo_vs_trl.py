@@ -10,6 +10,9 @@ setting here).
     OMP_NUM_THREADS=2 python bench/dpo_vs_trl.py --workload all --examples 32
 
 Tokens/s counts the real tokens of both sides of every pair seen, over the training loop's time.
+``--only shared-vs-separate`` times tunesmith with each pair in one row against two rows
+(``data.share_prompt: true / false``), e.g. on a GPU (``--workload gpu-0.5b``), where ``auto``
+keeps two rows until this is measured.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ def make_data(root: Path, n: int, w: Workload) -> Path:
     return path
 
 
-def dpo_config(model: str, data: str, out: str, w: Workload) -> dict:
+def dpo_config(model: str, data: str, out: str, w: Workload, **data_settings) -> dict:
     return {
         "model": model,
         "task": "dpo",
         "method": {"name": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"},
         "dpo": {"beta": BETA},
-        "data": {"train": data, "eval": None, "max_length": w.max_length},
+        "data": {"train": data, "eval": None, "max_length": w.max_length, **data_settings},
         "train": {
             "epochs": EPOCHS,
             "batch_size": w.dpo_batch,
@@ -77,6 +80,13 @@ def trl_dpo(**settings):
 
 RUNS = {
     "tunesmith dpo lora": tunesmith_runner(dpo_config),
+    # data.share_prompt explicitly, to decide `auto` where it is not measured yet (GPUs)
+    "tunesmith dpo lora shared rows": tunesmith_runner(
+        lambda *a: dpo_config(*a, share_prompt=True)
+    ),
+    "tunesmith dpo lora separate rows": tunesmith_runner(
+        lambda *a: dpo_config(*a, share_prompt=False)
+    ),
     "trl+peft dpo lora": trl_dpo(),
     "trl+peft dpo lora bf16": trl_dpo(bf16=True),
 }
@@ -84,6 +94,8 @@ COMPARISONS = {
     "lora": ("tunesmith dpo lora", "trl+peft dpo lora"),
     # TRL with CPU bf16 autocast: its faster setting on a CPU with native bf16
     "lora-bf16": ("tunesmith dpo lora", "trl+peft dpo lora bf16"),
+    # each pair in one row against two rows (tunesmith both): `data.share_prompt`
+    "shared-vs-separate": ("tunesmith dpo lora shared rows", "tunesmith dpo lora separate rows"),
 }
 DEFAULT = ("lora",)
 
