@@ -166,6 +166,13 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
+def _saved_source(start: Path | None) -> dict[str, Any] | None:
+    """The batch source's state in the checkpoint a resumed run continues (None: a fresh run)."""
+    if start is None:
+        return None
+    return json.loads((start / "state.json").read_text())["loop"].get("source", {})
+
+
 def _check_global_batch(cfg: Config, start: Path) -> None:
     """A resumed run may split its global batch differently (another number of processes) but
     must keep it: train.batch_size x train.grad_accum x processes as the checkpoint's run had
@@ -246,6 +253,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
             cfg.model, device, base_path, task.head, head_kwargs(cfg, task.head)
         ),
         out=out,
+        resume_source=_saved_source(start),
     )
     trainable, total = parameter_counts(model, method)
     unit = task.records.unit

@@ -244,12 +244,15 @@ def test_sigint_writes_a_checkpoint_and_resumes_bitwise(llama, pc_data, tmp_path
     assert_same_run(ref, out)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])  # full: a cached reference too
 def test_dpo_resumes_with_its_pair_layout_where_auto_resolves_otherwise(
-    llama, tmp_path, monkeypatch, capsys
+    llama, tmp_path, monkeypatch, capsys, method
 ):
     """A DPO run whose pairs were laid one per row (``data.share_prompt: auto`` on CPU), resumed
-    where ``auto`` would keep separate rows (as on a GPU), takes the checkpoint's layout and ends
-    bitwise equal to the uninterrupted run."""
+    where ``auto`` would keep separate rows (as on a GPU), keeps the checkpoint's layout for its
+    batches, its cached reference and its held-out batches, and ends bitwise equal to the
+    uninterrupted run, held-out metrics included."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     rows = [
         {"prompt": f"Q: {a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 3}, no"}
         for a in range(5)
@@ -258,8 +261,8 @@ def test_dpo_resumes_with_its_pair_layout_where_auto_resolves_otherwise(
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
 
     def dpo(out):
-        c = config(llama, pairs, out, max_steps=6, save_every=None)
-        return {**c, "task": "dpo"}
+        c = config(llama, pairs, out, max_steps=6, save_every=None, eval_every=2)
+        return {**c, "task": "dpo", "method": c["method"] if method == "lora" else "full"}
 
     ref = tmp_path / "ref"
     tunesmith.train(dpo(ref))
@@ -268,13 +271,25 @@ def test_dpo_resumes_with_its_pair_layout_where_auto_resolves_otherwise(
     with pytest.raises(Interrupted):
         tunesmith.train(dpo(out))
     monkeypatch.undo()
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(task_base, "AUTO_SHARE_DEVICES", ())
     capsys.readouterr()
     tunesmith.train(dpo(out), resume=True)
-    assert (
-        "pairs laid as the checkpoint's run laid them (one row per pair)" in capsys.readouterr().err
-    )
-    assert_same_run(ref, out)
+    said = capsys.readouterr().err
+    assert "auto keeps the checkpoint's layout (one row per pair)" in said
+    assert "one per row with the prompt once" in said  # and lays them so from the start
+    for name in [p.name for p in ref.glob("*.safetensors")]:
+        a, b = load_file(str(ref / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def evals(run):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            (r.get("step"), r["eval_loss"], r["eval_accuracy"]) for r in lines if "eval_loss" in r
+        ]
+
+    assert evals(out) == evals(ref) and len(evals(ref)) >= 3
+    assert losses(out) == losses(ref)
 
 
 def test_second_signal_exits_at_once(monkeypatch):

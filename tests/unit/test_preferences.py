@@ -189,6 +189,26 @@ def test_share_prompt_needs_a_model_that_takes_the_rows_mask(llama, tmp_path, to
         assert share_prompt(ctx) == (False, task == "dpo" and model_ok)
 
 
+def test_local_attention_spans_are_read_from_the_config():
+    """The spans some layers' attention is limited to: a sliding window where a layer slides
+    (``layer_types``, or ``use_sliding_window`` in older configs), Llama 4's chunks where a layer
+    is chunked; none where every layer is full, whatever the window field holds."""
+    from types import SimpleNamespace
+
+    from transformers import Llama4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    from tunesmith.objectives.sft import _local_span
+
+    def span(config):
+        return _local_span(SimpleNamespace(config=config))
+
+    assert span(MistralConfig(sliding_window=16)) == 16
+    assert span(Qwen2Config(sliding_window=16, use_sliding_window=False)) is None
+    assert span(Qwen2Config(sliding_window=16, use_sliding_window=True, max_window_layers=0)) == 16
+    assert span(Llama4TextConfig(attention_chunk_size=12, num_hidden_layers=4)) == 12
+    assert span(LlamaConfig()) is None
+
+
 def test_a_sliding_window_shorter_than_the_examples_keeps_separate_rows():
     """transformers takes a 4-D mask as given for sliding-window layers too, so a shared row
     would lose the window: a model whose window is shorter than ``data.max_length`` keeps

@@ -463,22 +463,24 @@ class Batches:
         consumed, which must be exactly those of a whole number of the new micro-batches."""
         self.position = int(state["position"])
         saved = state.get("share_prefix", False)
-        if saved != self.share_prefix:  # data.share_prompt: auto resolved otherwise here
+        relaid = saved != self.share_prefix  # the layout decides the batches: take the saved one
+        if relaid:
             if saved and not self.shareable:
                 raise TunesmithError(
                     "--resume: the checkpoint's run laid each pair in one row "
-                    "(data.share_prompt), which this model or method cannot do here; resume it "
-                    "with the versions of torch and transformers it started with."
+                    "(data.share_prompt), which this model, method or device cannot do here; "
+                    "resume it where it started (the same device, model and library versions)."
                 )
             self._lay_out(saved)
+        width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
+        if (width, world) != (self.rows_per_micro, self.world):
+            self.position = self._convert(self.position, width, world)
+        if relaid:
             say(
                 "--resume: pairs laid as the checkpoint's run laid them ("
                 + ("one row" if saved else "two rows")
                 + " per pair), so the batches continue exactly"
             )
-        width, world = state.get("rows_per_micro", self.rows_per_micro), state.get("world", 1)
-        if (width, world) != (self.rows_per_micro, self.world):
-            self.position = self._convert(self.position, width, world)
 
     def _convert(self, position: int, width: int, world: int) -> int:
         """The new position that has consumed the same rows as ``position`` did under the

@@ -161,31 +161,51 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     return sums, counts
 
 
-def _window(model: nn.Module) -> int | None:
-    """The sliding window of the model's attention layers that use one, or None."""
+LOCAL_SPANS = (("sliding_window", "sliding"), ("attention_chunk_size", "chunked"))
+"""Config fields that limit some layers' attention to nearby keys, each with the word its
+layers carry in ``layer_types``: a sliding window (Mistral, Gemma, Phi3, ...) and chunks
+(Llama 4)."""
+
+
+def _local_span(model: nn.Module) -> int | None:
+    """The shortest span some attention layer of the model is limited to (a sliding window, or
+    chunks), or None if every layer sees every earlier key."""
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0:
-        return None
     kinds = getattr(config, "layer_types", None)
-    if kinds is not None:
-        return window if any("sliding" in str(k) for k in kinds) else None
-    return window if getattr(config, "use_sliding_window", True) else None
+    spans = []
+    for field_name, word in LOCAL_SPANS:
+        span = getattr(config, field_name, None)
+        if not isinstance(span, int) or span <= 0:
+            continue
+        if kinds is not None:
+            used = any(word in str(k) for k in kinds)
+        else:  # older configs: a window applies unless switched off
+            used = getattr(config, "use_sliding_window", True)
+        if used:
+            spans.append(span)
+    return min(spans, default=None)
 
 
 @torch.no_grad()
 def scores_shared_rows(model: nn.Module, longest: int) -> bool:
     """Whether ``model`` gives a pair laid in one row with its prompt shared
     (``batching.collate_shared``) the same sequence log-probs as the pair in two rows, for
-    examples of up to ``longest`` tokens. It must take the 4-D mask as given and place tokens by
-    the position ids: checked on a tiny random pair, in the model's own dtype, with dropout off
-    (any error there, e.g. a model that rejects the mask, fails it). And no attention layer may
-    hide keys by a sliding window shorter than ``longest``: transformers takes a 4-D mask as
-    given for those layers too, so the window would be lost in a shared row (where the tiny
-    pair cannot show it)."""
-    window = _window(model)
-    if window is not None and window < longest:
+    examples of up to ``longest`` tokens. No attention layer may be limited to a span shorter
+    than ``longest`` (a sliding window, chunks): transformers takes a 4-D mask as given for
+    those layers too, so the limit would be lost in a shared row (where a tiny pair cannot show
+    it). And it must take the 4-D mask as given and place tokens by the position ids: checked on
+    a tiny random pair, in the model's own dtype, with dropout off. Any error in either check
+    (a model that rejects the mask, a config that cannot be read) fails it."""
+    try:
+        return _scores_shared_rows(model, longest)
+    except Exception:  # a model that cannot run a shared row at all: keep separate rows
+        return False
+
+
+def _scores_shared_rows(model: nn.Module, longest: int) -> bool:
+    span = _local_span(model)
+    if span is not None and span < longest:
         return False
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
@@ -206,8 +226,6 @@ def scores_shared_rows(model: nn.Module, longest: int) -> bool:
     try:
         apart, _ = sequence_logps(model, collate(pair, [[0], [1]], 0).to(weight.device))
         shared, _ = sequence_logps(model, collate_shared(pair, [0], 2, 0).to(weight.device))
-    except Exception:  # a model that cannot run a shared row at all: keep separate rows
-        return False
     finally:
         model.train(was_training)
     tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 5e-2

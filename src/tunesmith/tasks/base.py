@@ -23,7 +23,7 @@ from tunesmith.console import say
 from tunesmith.data.batching import Batches, BatchSource
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.kinds import RecordKind
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import Method
 from tunesmith.objectives.sft import scores_shared_rows
 from tunesmith.training.loop import Objective
@@ -47,6 +47,8 @@ class Context:
     out: Path | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     """Objects a task's factories build once and share (a reward model, a reference policy)."""
+    resume_source: dict[str, Any] | None = None
+    """The batch source's state in the checkpoint a resumed run continues; None: a fresh run."""
 
 
 def replayable(ctx: Context) -> BatchSource:
@@ -104,9 +106,12 @@ def share_prompt(ctx: Context) -> tuple[bool, bool]:
     they could be). They could when the task scores its records' rows only by their
     log-probabilities (``Task.shares_prompt``), the method leaves rows to the data, and the model
     scores a shared row as it scores separate rows (``sft.scores_shared_rows``, checked once).
-    ``auto`` lays them so on CPU only (the speed was measured there); a resumed run follows its
-    checkpoint's layout where it can (``Batches.load_state_dict``)."""
+    ``auto`` lays them so on CPU (``AUTO_SHARE_DEVICES``), and a resumed run as its checkpoint
+    laid them, so that its batches, its cached reference and its held-out batches continue
+    as they were (``auto`` may resolve otherwise on another device)."""
     setting, task = ctx.cfg.data.share_prompt, TASKS[ctx.cfg.task]
+    if setting is False:
+        return False, False
     if not task.shares_prompt or task.records.group < 2:
         if setting is True:
             raise ConfigError(
@@ -125,10 +130,25 @@ def share_prompt(ctx: Context) -> tuple[bool, bool]:
             f"method '{ctx.method.name}' puts virtual tokens in front of each row"
             if ctx.method is not None and not ctx.method.packing_ok
             else "this model does not score a row with its own 4-D mask as it scores separate "
-            "rows (or hides keys by a sliding window shorter than data.max_length)"
+            "rows (or limits attention to a window shorter than data.max_length)"
         )
+        if ctx.resume_source is not None:  # the setting cannot change on resume
+            raise TunesmithError(
+                f"--resume: data.share_prompt is true, but {why} here; resume the run where it "
+                "started (the same device, model and library versions)."
+            )
         raise ConfigError(f"data.share_prompt: {why}; set it to auto or false.")
-    chosen = setting is True or (setting == "auto" and ctx.device.type in AUTO_SHARE_DEVICES)
+    chosen = setting is True or ctx.device.type in AUTO_SHARE_DEVICES
+    saved = (ctx.resume_source or {}).get("share_prefix")
+    if setting == "auto" and saved is not None:
+        if bool(saved) != chosen and "share_prompt_resumed" not in ctx.shared:
+            ctx.shared["share_prompt_resumed"] = True
+            say(
+                "--resume: data.share_prompt: auto keeps the checkpoint's layout ("
+                + ("one row" if saved else "two rows")
+                + " per pair), so the batches continue exactly"
+            )
+        chosen = bool(saved)  # shared but impossible here: Batches.load_state_dict says why
     return possible and chosen, possible
 
 
