@@ -166,18 +166,21 @@ def prepare_output_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
+def _checkpoint_state(start: Path) -> dict[str, Any]:
+    """The ``state.json`` of the checkpoint a resumed run continues (step, loop, scheduler)."""
+    return json.loads((start / "state.json").read_text())
+
+
 def _saved_source(start: Path | None) -> dict[str, Any] | None:
     """The batch source's state in the checkpoint a resumed run continues (None: a fresh run)."""
-    if start is None:
-        return None
-    return json.loads((start / "state.json").read_text())["loop"].get("source", {})
+    return None if start is None else _checkpoint_state(start)["loop"].get("source", {})
 
 
 def _check_global_batch(cfg: Config, start: Path) -> None:
     """A resumed run may split its global batch differently (another number of processes) but
     must keep it: train.batch_size x train.grad_accum x processes as the checkpoint's run had
     (x 1 for a task whose ``train.batch_size`` is already global: the RL producers)."""
-    saved = json.loads((start / "state.json").read_text())
+    saved = _checkpoint_state(start)
     before = load_config(start.parent.parent / "config.yaml").train
     per_process = not get_task(cfg.task).batch_is_global
     world_before = saved["loop"].get("world_size", 1) if per_process else 1

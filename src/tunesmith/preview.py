@@ -95,9 +95,8 @@ def preview(
     ]
     if shares_prompt and group > 1:  # the task may lay each record in one row
         shared = Batches(data.train, 1, 0, 0, False, 0, group=group, share_prefix=True)
-        saved = 100 * (1 - sum(shared.lengths) / max(s.tokens, 1))
         lines.append(
-            f"  shared prompt      {saved:.1f}% fewer tokens to compute with each of the "
+            f"  shared prompt      {100 * shared.tokens_saved():.1f}% fewer tokens to compute with each of the "
             f"{kind.unit} in one row (data.share_prompt={cfg.data.share_prompt}; auto: on CPU)"
         )
     same = tokenizer.pad_token_id == tokenizer.eos_token_id

@@ -222,8 +222,9 @@ def shared_prefix(members: list[Example]) -> int:
     return n if bool(same.all()) else int(np.argmin(same))
 
 
-def _shared_length(members: list[Example]) -> int:
-    s = shared_prefix(members)
+def _shared_length(members: list[Example], shared: int | None = None) -> int:
+    """Tokens of the group's row: the shared prefix once, then each member's own tokens."""
+    s = shared_prefix(members) if shared is None else shared
     return s + sum(len(m) - s for m in members)
 
 
@@ -242,7 +243,7 @@ def collate_shared(examples: list[Example], groups: list[int], size: int, pad_id
     separate rows. Padding queries see every real key before them (their output is unused)."""
     members = [[examples[size * gr + m] for m in range(size)] for gr in groups]
     shared = [shared_prefix(ms) for ms in members]
-    lengths = [s + sum(len(m) - s for m in ms) for s, ms in zip(shared, members)]
+    lengths = [_shared_length(ms, s) for s, ms in zip(shared, members)]
     b, width = len(groups), max(lengths)
     ids = np.full((b, width), pad_id, dtype=np.int64)
     labels = np.full((b, width), IGNORE, dtype=np.int64)
@@ -368,6 +369,13 @@ class Batches:
             for i in range(0, len(ex), g)
         ]
         self._plans.clear()
+
+    def tokens_saved(self) -> float:
+        """The fraction of the examples' tokens that groups in one row do not compute (0 when
+        groups are not laid so)."""
+        if not self.share_prefix:
+            return 0.0
+        return 1 - sum(self.lengths) / max(sum(len(e) for e in self.examples), 1)
 
     def shard(self, rank: int, world: int) -> None:
         """Hand this process (``rank`` of ``world``) its slice of every global micro-batch.

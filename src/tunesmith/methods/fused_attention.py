@@ -154,8 +154,9 @@ class BlockCausalAttention(torch.autograd.Function):
     """Causal attention over query blocks (see the module doc). ``q`` (B, H, T, d), ``k`` and
     ``v`` (B, Hkv, T, d); the mask is ``blocked``, bool (B or 1, 1, T, T) True where a query may
     not see a key, or else causal with the keys at or past ``lengths[b]`` (one per row, or one for
-    all, each at least 1) hidden, or causal alone (both None); ``keep``: keep ``P`` (in the
-    inputs' dtype) for the backward pass instead of recomputing it. Returns (B, T, H, d)."""
+    all, each at least 1) hidden, and with ``lengths`` the rectangles of ``spans`` too (rows that
+    share a prompt), or causal alone (both None); ``keep``: keep ``P`` (in the inputs' dtype)
+    for the backward pass instead of recomputing it. Returns (B, T, H, d)."""
 
     @staticmethod
     def forward(

@@ -69,11 +69,9 @@ def replayable(ctx: Context) -> BatchSource:
         shareable=possible,
     )
     if share and ctx.training:
-        before = sum(len(e) for e in ctx.data.train)
-        saved = 100 * (1 - sum(batches.lengths) / max(before, 1))
         say(
             f"data.share_prompt: {kind.unit} laid one per row with the prompt once, "
-            f"{saved:.0f}% fewer tokens to compute"
+            f"{100 * batches.tokens_saved():.0f}% fewer tokens to compute"
         )
     return batches
 
