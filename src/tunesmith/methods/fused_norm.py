@@ -9,11 +9,18 @@ For ``x`` of shape (..., d), weight ``w`` and ``eps``:
 and, for ``g = dL/dy`` and ``x^ = x r``:
 
     dL/dw = sum over rows of g * x^
-    dL/dx = r * (g w - x^ * mean(g w * x^))
+    dL/dx = r * (g w - x^ * mean(g w * x^)) = r g w - (r^3 / d) (sum_i (g w)_i x_i) x
 
 Op by op, autograd keeps ``x`` for the square, ``x`` and ``r`` for the product and, when the
 weight trains (full fine-tuning), ``x^`` as well: two float32 (N, d) tensors per norm, four per
-decoder layer. This node keeps ``x`` and ``r`` and recomputes ``x^`` in the backward pass.
+decoder layer. This node keeps ``x`` and ``r`` and recomputes ``x^`` only for ``dL/dw``.
+
+On a CPU each elementwise pass over an (N, d) activation costs about as much as reading and
+writing it from memory, so the node makes as few as it can: ``mean(x^2)`` as a norm reduction
+(no squared copy), the scaling by ``r`` and ``w`` into one output, and ``dL/dx`` in the second
+form above (a row dot product, one scaling and one fused multiply-add) instead of materialising
+``x^`` and three temporaries. Measured at 8 x 428 x 512 (float32, forward and backward): 2.4 vs
+3.7 ms per norm with a frozen weight, 3.1 vs 4.2 ms with a trained one.
 
 ``fuse_rmsnorm`` installs it on every module whose own forward computes exactly that (a
 ``weight`` and a ``variance_epsilon``, checked on a probe input, not by class name); Gemma's
@@ -37,21 +44,25 @@ class FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        norm = torch.linalg.vector_norm(xf, 2, -1, keepdim=True)  # sqrt(sum x^2), no x^2 kept
+        r = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, r, weight)
-        return weight * (xf * r).to(x.dtype)
+        y = torch.mul(xf, r).to(x.dtype)
+        # scaled in place where that keeps the dtype the module returns
+        return y.mul_(weight) if torch.result_type(y, weight) == y.dtype else weight * y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, r, weight = ctx.saved_tensors
-        xhat = x.float() * r
+        xf = x.float()
         dx = dw = None
         if ctx.needs_input_grad[1]:
-            dw = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0)
+            dw = (grad * (xf * r).to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0)
         if ctx.needs_input_grad[0]:
             gh = (grad * weight).to(x.dtype).float()  # the gradient at x^, rounded as op by op
-            dx = (r * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))).to(x.dtype)
+            coef = torch.linalg.vecdot(gh, xf).unsqueeze(-1).mul_(r.pow(3)).div_(-x.shape[-1])
+            dx = gh.mul_(r).addcmul_(xf, coef).to(x.dtype)
         return dx, dw, None
 
 
