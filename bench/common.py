@@ -14,6 +14,12 @@ What is measured, for both tools alike:
 Runs alternate (tunesmith, peer, tunesmith, peer, ...) in one parent process so that a machine
 whose speed drifts (other jobs on the same cores) weighs on both alike; ratios are taken pair by
 pair and their median is printed.
+
+``--profile N`` adds a diagnosis to each run: ``torch.profiler`` records optimiser steps
+``PROFILE_FROM`` to ``PROFILE_FROM + N - 1`` (after the first steps' warm-up) of both tools, hooked
+on every optimiser's step (no change to either tool), and the run's line is followed by the ops
+that took the most time per step (device time on a GPU, CPU time otherwise); the child's log
+keeps the full table. Profiling slows a run: its timings and ratios are not the bench's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 VOCAB = 16_384
+PROFILE_FROM = 3  # the first optimiser step a --profile run records (earlier ones warm up)
+PROFILE_ROWS = 12  # ops printed per profiled run (the child's log has more)
 
 
 @dataclass(frozen=True)
@@ -257,6 +265,14 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
         help="examples (DPO: pairs) per optimiser step, instead of the workload's own",
     )
     p.add_argument("--only", default=None, help="comma-separated comparison names to run")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"profile N optimiser steps of each run from step {PROFILE_FROM} and print its"
+        " costliest ops (slows the runs: their timings are not comparable)",
+    )
     for hidden in ("--child", "--model", "--data", "--out", "--child-workload"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -277,8 +293,75 @@ def child_env(name: str) -> dict[str, str]:
     return env
 
 
+def profile_steps(steps: int) -> Callable[[], None]:
+    """Record optimiser steps ``PROFILE_FROM`` to ``PROFILE_FROM + steps - 1`` of this process
+    with ``torch.profiler`` (a hook on every optimiser's step, so either tool runs unchanged),
+    then print the full table and a ``PROFILE`` line of the costliest ops per step. Returns a
+    function that ends a recording the run left unfinished."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+    state = {"done": 0, "recording": False}
+
+    def finish() -> None:
+        if not state["recording"]:
+            return
+        prof.stop()
+        state["recording"] = False
+        recorded = max(state["done"] - (PROFILE_FROM - 1), 1)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+        total = sum(getattr(e, key) for e in events) or 1.0
+        print(prof.key_averages().table(sort_by=key, row_limit=60), flush=True)
+        rows = [
+            {
+                "op": e.key,
+                "ms_per_step": getattr(e, key) / 1e3 / recorded,
+                "share": getattr(e, key) / total,
+                "calls_per_step": e.count / recorded,
+            }
+            for e in events[:PROFILE_ROWS]
+        ]
+        first, last = PROFILE_FROM, PROFILE_FROM + recorded - 1
+        about = f"steps {first}-{last}, {'device' if cuda else 'CPU'} time per step"
+        print("PROFILE " + json.dumps({"about": about, "rows": rows}), flush=True)
+
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        state["done"] += 1
+        if state["done"] == PROFILE_FROM - 1:
+            prof.start()
+            state["recording"] = True
+        elif state["done"] == PROFILE_FROM - 1 + steps:
+            if cuda:
+                torch.cuda.synchronize()
+            finish()
+
+    register_optimizer_step_post_hook(hook)
+    return finish
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    """A run's ``PROFILE`` line as the parent prints it: one op per line."""
+    print(f"      profile ({profile['about']}):", flush=True)
+    for r in profile["rows"]:
+        print(
+            f"        {r['op'][:60]:<60} {r['ms_per_step']:>9.1f} ms {r['share']:>6.1%}"
+            f"  x{r['calls_per_step']:,.0f}",
+            flush=True,
+        )
+
+
 def run_child(
-    name: str, model: Path, data: Path, out: Path, workload: str, batch: int | None = None
+    name: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    workload: str,
+    batch: int | None = None,
+    profile: int = 0,
 ) -> dict[str, Any] | None:
     """One configuration as a process of its own: its wall time and peak RSS measured from
     outside, its loop time, loss and steps as it reports them."""
@@ -296,6 +379,7 @@ def run_child(
         "--out",
         str(out),
         *(["--batch", str(batch)] if batch else []),
+        *(["--profile", str(profile)] if profile else []),
     ]
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +401,8 @@ def run_child(
         return None
     r = json.loads(line[7:])
     r["wall"] = wall
+    found = next((ln for ln in text.splitlines() if ln.startswith("PROFILE ")), None)
+    r["profile"] = json.loads(found[8:]) if found else None
     if r.get("gpu_mb") is None:
         r["peak_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
     else:
@@ -346,7 +432,11 @@ def main(
 
     if a.child:
         w = workload(a.child_workload)
-        print("RESULT " + json.dumps(runs[a.child](a.model, a.data, a.out, w)), flush=True)
+        stop = profile_steps(a.profile) if a.profile else None
+        result = runs[a.child](a.model, a.data, a.out, w)
+        if stop is not None:
+            stop()  # a run shorter than the profiled steps reports what it recorded
+        print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
 
@@ -370,6 +460,8 @@ def main(
             f" tunesmith preloads {child_env('tunesmith').get('TUNESMITH_PRELOADED') or 'nothing'}",
             flush=True,
         )
+        if a.profile:
+            print("   --profile: the timings below include the profiler's own cost", flush=True)
         for cname, (ours, peer) in chosen.items():
             got: dict[str, list[dict]] = {ours: [], peer: []}
             for rep in range(a.repeat):
@@ -382,6 +474,7 @@ def main(
                         root / f"{cname}-{rep}-{len(got[name])}-{'a' if name == ours else 'b'}",
                         wname,
                         a.batch,
+                        a.profile,
                     )
                     if r is not None:
                         r["tok_s"] = tokens / r["seconds"]
@@ -400,6 +493,8 @@ def main(
                     + (f"  MFU {flops_per_token * med['tok_s'] / peak:.1%}" if peak else ""),
                     flush=True,
                 )
+                if rs[0].get("profile"):
+                    print_profile(rs[0]["profile"])
             n = min(len(got[ours]), len(got[peer]))
             if n:
                 pairs_ = list(zip(got[ours][:n], got[peer][:n]))

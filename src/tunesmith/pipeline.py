@@ -48,7 +48,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.distributed import launched_world, local_device, on_main
 from tunesmith.training.guard import ADVICE, NonFiniteError
 from tunesmith.training.loop import LOOPS, LoopResult, Objective
-from tunesmith.training.memory import PRELOADED, set_cpu_malloc
+from tunesmith.training.memory import PRELOADED, cap_kernel_caches, set_cpu_malloc
 from tunesmith.training.precision import settle_precision
 
 
@@ -235,6 +235,7 @@ def setup_run(cfg: Config, resume: bool = False) -> Run:
     out, start = on_main(lambda: prepare_output_dir(cfg, resume))  # rank 0 writes, all agree
     device = local_device(pick_device(cfg.train.device))
     set_cpu_malloc(device, cfg.train.cpu_memory)
+    cap_kernel_caches(device, cfg.train.cpu_memory)  # before the first bf16 product (module doc)
     if device.type == "cpu" and (library := os.environ.get(PRELOADED)):
         mode = cfg.train.cpu_memory
         under = "" if mode == "fast" else f" by the parent (train.cpu_memory: {mode} cannot apply)"

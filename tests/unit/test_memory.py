@@ -165,3 +165,49 @@ def test_under_a_preloaded_malloc_glibc_is_not_tuned(monkeypatch):
         monkeypatch.delenv(knob, raising=False)
     monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
     assert set_cpu_malloc(torch.device("cpu"), "lean") is False
+
+
+def test_kernel_caches_are_capped_on_cpu_unless_the_user_set_them(monkeypatch):
+    for knob in memory.KERNEL_CACHE_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    assert not memory.cap_kernel_caches(torch.device("cpu"), "system")
+    assert not memory.cap_kernel_caches(torch.device("cuda"), "fast")
+    assert all(k not in os.environ for k in memory.KERNEL_CACHE_KNOBS)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    assert memory.cap_kernel_caches(torch.device("cpu"), "lean")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory.KERNEL_CACHE)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"  # the user's stands
+    assert not memory.cap_kernel_caches(torch.device("cpu"), "fast")  # both set now
+
+
+GROWTH = """
+import os, sys, torch
+from tunesmith.training.memory import cap_kernel_caches
+if sys.argv[1] == "capped":
+    cap_kernel_caches(torch.device("cpu"), "fast")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+w, x = torch.randn(1408, 512).bfloat16(), torch.randn(600, 512).bfloat16()
+x[:10] @ w.t()
+before = rss()
+for rows in range(64, 576):  # a new shape each time, as length-grouped batches give
+    x[:rows] @ w.t()
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_capped_kernel_caches_keep_memory_from_growing_with_new_shapes():
+    """bf16 products of 512 row counts: with the caps, the process grows far less than with the
+    libraries' 1,024-entry caches (each a process of its own: a cache's capacity is read once)."""
+    env = {k: v for k, v in os.environ.items() if k not in memory.KERNEL_CACHE_KNOBS}
+    growth = {}
+    for mode in ("capped", "default"):
+        out = subprocess.run(
+            [sys.executable, "-c", GROWTH, mode], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr
+        growth[mode] = float(out.stdout.strip())
+    if growth["default"] < 100:
+        pytest.skip(f"this CPU's bf16 products keep no per-shape cache ({growth})")
+    assert growth["capped"] < growth["default"] - 100, growth

@@ -35,6 +35,19 @@ refaulted.
 Nothing is set when the user set glibc's own knobs (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, or malloc tunables in ``GLIBC_TUNABLES``) or preloads a library of
 their own (``LD_PRELOAD``): theirs stand.
+
+**Kernel caches.** PyTorch's CPU bf16 products go through oneDNN, which keeps every primitive it
+builds (one per shape) in a cache of 1,024 entries, and ideep, PyTorch's layer over it, keeps
+another of 1,024. Length-grouped batches give nearly every step a new row length, so both grow
+through a run: on the short SFT LoRA workload with 512 examples (64 steps, tcmalloc), the
+resident size rose from 0.94 to 1.70 GB, step after step, until the caches filled (measured
+after handing free memory back to the system each step: 0.54 -> 1.12 GB, flat from step ~50).
+A batch holds ~25 distinct shapes, so ``fast`` and ``lean`` cap each cache at
+:data:`KERNEL_CACHE` entries (about two steps): the resident size then stays at 1.09-1.11 GB
+from the third step on (peak 1.11 GB against 1.70 GB), at the same loop time (64.7 s against
+68.7 s). Both libraries read their capacity when first used, so it is set in the environment
+before the model loads, unless the user set it (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+``LRU_CACHE_CAPACITY``); a process that multiplied in bf16 before training keeps its caches.
 """
 
 from __future__ import annotations
@@ -65,6 +78,9 @@ PRELOADED = "TUNESMITH_PRELOADED"
 """Set in the restarted process to the library preloaded (and so: restart once only)."""
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
 """tcmalloc reports every allocation over 1 GiB on stderr by default; a big logits chunk is one."""
+KERNEL_CACHE = 64
+"""Entries each of oneDNN's and ideep's caches of built primitives may hold (module doc)."""
+KERNEL_CACHE_KNOBS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 def user_set_malloc(env: dict[str, str]) -> bool:
@@ -116,6 +132,18 @@ def set_cpu_malloc(device: torch.device, mode: str) -> bool:
     ):
         return False
     return apply_settings(ctypes.CDLL(None).mallopt, wanted)  # glibc's, in the process's symbols
+
+
+def cap_kernel_caches(device: torch.device, mode: str) -> bool:
+    """For ``train.cpu_memory`` = ``fast`` or ``lean`` on CPU, cap oneDNN's and ideep's caches
+    of built primitives at :data:`KERNEL_CACHE` entries each (module doc), where the user has not
+    set them; True if either was set."""
+    if mode == "system" or device.type != "cpu":
+        return False
+    unset = [k for k in KERNEL_CACHE_KNOBS if k not in os.environ]
+    for knob in unset:
+        os.environ[knob] = str(KERNEL_CACHE)
+    return bool(unset)
 
 
 def apply_settings(
