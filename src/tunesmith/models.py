@@ -219,6 +219,7 @@ def load_model(
             model.get_submodule(name).tunesmith_head = True
     # every model a run loads (policy, reference, teacher, reward model) computes attention alike
     fuse_attention(model)  # causal attention over query blocks on CPU, sdpa elsewhere
+    fuse_rmsnorm(model)  # and norms, so a reference or teacher rounds as the policy does
     return model.to(device)
 
 
