@@ -35,6 +35,36 @@ def test_fused_rmsnorm_equals_the_module(dtype, tol):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype", "tol"),
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.bfloat16, torch.float32, 1e-2),  # the module returns float32 here
+        (torch.float32, torch.bfloat16, 1e-2),
+    ],
+)
+def test_frozen_weight_and_mixed_dtypes_equal_the_module(x_dtype, w_dtype, tol):
+    """LoRA's case: a frozen norm weight, the gradient flowing to x alone; and an input and a
+    weight of different dtypes: the same output (and its dtype) and the same input gradient."""
+    g = torch.Generator().manual_seed(1)
+    norm = LlamaRMSNorm(16, eps=1e-5).to(w_dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5, generator=g)
+    assert fuse_rmsnorm(norm) == 1
+    x = torch.randn(2, 5, 16, generator=g).to(x_dtype).requires_grad_()
+    upstream = torch.randn(2, 5, 16, generator=g)
+    got = []
+    for fused in (True, False):
+        x.grad = None
+        y = norm(x) if fused else type(norm).forward(norm, x)
+        y.backward(upstream.to(y.dtype))
+        got.append((y.detach(), x.grad))
+    (y_fused, dx_fused), (y_module, dx_module) = got
+    assert y_fused.dtype == y_module.dtype and dx_fused.dtype == dx_module.dtype == x_dtype
+    torch.testing.assert_close(y_fused, y_module, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx_fused, dx_module, rtol=tol, atol=tol)
+
+
 def test_only_this_rmsnorm_is_fused():
     """Every RMSNorm of a Llama (two per layer and the final one); a (1 + w) variant and a
     LayerNorm keep their forward."""

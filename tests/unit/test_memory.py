@@ -168,8 +168,9 @@ def test_under_a_preloaded_malloc_glibc_is_not_tuned(monkeypatch):
 
 
 def test_kernel_caches_are_capped_on_cpu_unless_the_user_set_them(monkeypatch):
-    for knob in memory.KERNEL_CACHE_KNOBS:
-        monkeypatch.delenv(knob, raising=False)
+    for knob in memory.KERNEL_CACHE_KNOBS:  # recorded, so what the test sets is undone after
+        monkeypatch.setenv(knob, "0")
+        monkeypatch.delenv(knob)
     assert not memory.cap_kernel_caches(torch.device("cpu"), "system")
     assert not memory.cap_kernel_caches(torch.device("cuda"), "fast")
     assert all(k not in os.environ for k in memory.KERNEL_CACHE_KNOBS)
