@@ -27,7 +27,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import child_env, make_model, parse_args, peak_mb, sentence, words  # noqa: E402
+from common import (  # noqa: E402
+    child_env,
+    make_model,
+    parse_args,
+    peak_mb,
+    print_profile,
+    profile_steps,
+    sentence,
+    words,
+)
 
 PROMPTS, GROUP, COMPLETION, LR, RANK, ALPHA = 4, 8, 32, 1e-5, 16, 32
 
@@ -154,7 +163,11 @@ RUNS = {
 def main() -> None:
     a = parse_args(__doc__, "--steps", 10, "optimiser steps = rollout batches (default 10)")
     if a.child:
-        print("RESULT " + json.dumps(RUNS[a.child](a.model, a.data, a.out, a.steps)))
+        stop = profile_steps(a.profile) if a.profile else None
+        result = RUNS[a.child](a.model, a.data, a.out, a.steps)
+        if stop is not None:
+            stop()
+        print("RESULT " + json.dumps(result))
         return
     root = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
     model, data = make_model(root), make_prompts(root, 64)
@@ -167,6 +180,7 @@ def main() -> None:
     for k, name in enumerate(RUNS):
         cmd = [sys.executable, sys.argv[0], "--child", name, "--steps", str(a.steps)]
         cmd += ["--model", str(model), "--data", str(data), "--out", str(root / f"run{k}")]
+        cmd += ["--profile", str(a.profile)] if a.profile else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(name))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -180,6 +194,9 @@ def main() -> None:
             f"peak {r['peak_mb']:>6,.0f} MB  mean reward {r['reward']:.3f}",
             flush=True,
         )
+        found = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
+        if found:
+            print_profile(json.loads(found[8:]))
     peers = [v for k, v in results.items() if not k.startswith("tunesmith")]
     ours = results.get("tunesmith grpo lora")
     if peers and ours:
