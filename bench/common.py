@@ -313,9 +313,10 @@ def profile_steps(steps: int) -> Callable[[], None]:
         state["recording"] = False
         recorded = max(state["done"] - (PROFILE_FROM - 1), 1)
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+        averages = prof.key_averages()
+        events = sorted(averages, key=lambda e: -getattr(e, key))
         total = sum(getattr(e, key) for e in events) or 1.0
-        print(prof.key_averages().table(sort_by=key, row_limit=60), flush=True)
+        print(averages.table(sort_by=key, row_limit=60), flush=True)
         rows = [
             {
                 "op": e.key,

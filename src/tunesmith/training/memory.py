@@ -45,8 +45,9 @@ after handing free memory back to the system each step: 0.54 -> 1.12 GB, flat fr
 A batch holds ~25 distinct shapes, so ``fast`` and ``lean`` cap each cache at
 :data:`KERNEL_CACHE` entries (about two steps): the resident size then stays at 1.09-1.11 GB
 from the third step on (peak 1.11 GB against 1.69 GB), at the same loop time (69.8-70.0 s
-against 69.3-72.1 s, two alternating rounds; 256 entries: 1.23 GB, within the same spread). Both libraries read their capacity when first used, so it is set in the environment
-before the model loads, unless the user set it (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+against 69.3-72.1 s, two alternating rounds; 256 entries: 1.23 GB, within the same spread).
+Both libraries read their capacity when first used, so it is set in the environment before the
+model loads, unless the user set it (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
 ``LRU_CACHE_CAPACITY``); a process that multiplied in bf16 before training keeps its caches.
 """
 
