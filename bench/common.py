@@ -413,7 +413,7 @@ def run_child(
 
 def main(
     doc: str,
-    comparisons: dict[str, tuple[str, str]],
+    comparisons: dict[str, tuple[str, ...]],
     runs: dict[str, Runner],
     make_data: Callable[[Path, int, Workload], Path],
     describe: Callable[[Workload], str],
@@ -421,9 +421,9 @@ def main(
     default: tuple[str, ...] = (),
 ) -> None:
     """Parse arguments; as a child, run one entry of ``runs``; as the parent, run the
-    comparisons (tunesmith run, peer run) in ``default`` (or ``--only``; all when neither)
-    alternately ``--repeat`` times on each workload asked for, and print medians and
-    pair-by-pair ratios."""
+    comparisons (tunesmith run, then one or more peer runs: the peer's settings to measure
+    against) in ``default`` (or ``--only``; all when neither) alternately ``--repeat`` times on
+    each workload asked for, and print medians and pair-by-pair ratios."""
     a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
 
     def workload(name: str) -> Workload:
@@ -463,16 +463,16 @@ def main(
         )
         if a.profile:
             print("   --profile: the timings below include the profiler's own cost", flush=True)
-        for cname, (ours, peer) in chosen.items():
-            got: dict[str, list[dict]] = {ours: [], peer: []}
+        for cname, (ours, *peers) in chosen.items():
+            got: dict[str, list[dict]] = {name: [] for name in (ours, *peers)}
             for rep in range(a.repeat):
-                order = (ours, peer) if rep % 2 == 0 else (peer, ours)
+                order = (ours, *peers) if rep % 2 == 0 else (*reversed(peers), ours)
                 for name in order:
                     r = run_child(
                         name,
                         model,
                         data,
-                        root / f"{cname}-{rep}-{len(got[name])}-{'a' if name == ours else 'b'}",
+                        root / f"{cname}-{rep}-{list(got).index(name)}-{len(got[name])}",
                         wname,
                         a.batch,
                         a.profile,
@@ -481,8 +481,7 @@ def main(
                         r["tok_s"] = tokens / r["seconds"]
                         got[name].append(r)
             print(f"  {cname}:", flush=True)
-            for name in (ours, peer):
-                rs = got[name]
+            for name, rs in got.items():
                 if not rs:
                     continue
                 med = {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "wall", "peak_mb")}
@@ -496,17 +495,43 @@ def main(
                 )
                 if rs[0].get("profile"):
                     print_profile(rs[0]["profile"])
-            n = min(len(got[ours]), len(got[peer]))
-            if n:
-                pairs_ = list(zip(got[ours][:n], got[peer][:n]))
-                speed = statistics.median(o["tok_s"] / p["tok_s"] for o, p in pairs_)
-                wall = statistics.median(p["wall"] / o["wall"] for o, p in pairs_)
-                mem = statistics.median(o["peak_mb"] / p["peak_mb"] for o, p in pairs_)
-                print(
-                    f"    RATIO {wname} {cname}: loop speed x{speed:.2f}  whole-process speed x{wall:.2f}"
-                    f"  peak memory x{mem:.2f}  (median of {n} alternating pairs)",
-                    flush=True,
-                )
+            print_ratios(f"{wname} {cname}", got[ours], {p: got[p] for p in peers})
+
+
+def print_ratios(label: str, ours: list[dict], peers: dict[str, list[dict]]) -> None:
+    """Pair-by-pair ratios (median over the alternating pairs) against each peer setting; with
+    more than one, also against the peer's best setting on each axis: its fastest loop, its
+    fastest whole process and its leanest memory, which may be different settings."""
+    ratios = {}
+    for name, theirs in peers.items():
+        n = min(len(ours), len(theirs))
+        if not n:
+            continue
+        pairs = list(zip(ours[:n], theirs[:n]))
+        ratios[name] = {
+            "loop": statistics.median(o["tok_s"] / p["tok_s"] for o, p in pairs),
+            "wall": statistics.median(p["wall"] / o["wall"] for o, p in pairs),
+            "memory": statistics.median(o["peak_mb"] / p["peak_mb"] for o, p in pairs),
+            "n": n,
+        }
+        against = f" against {name}" if len(peers) > 1 else ""
+        print(
+            f"    RATIO {label}{against}: loop speed x{ratios[name]['loop']:.2f}"
+            f"  whole-process speed x{ratios[name]['wall']:.2f}"
+            f"  peak memory x{ratios[name]['memory']:.2f}  (median of {n} alternating pairs)",
+            flush=True,
+        )
+    if len(ratios) > 1:
+        loop = min(ratios, key=lambda k: ratios[k]["loop"])
+        wall = min(ratios, key=lambda k: ratios[k]["wall"])
+        memory = max(ratios, key=lambda k: ratios[k]["memory"])
+        print(
+            f"    RATIO {label} against the peer's best setting on each axis:"
+            f" loop speed x{ratios[loop]['loop']:.2f} ({loop})"
+            f"  whole-process speed x{ratios[wall]['wall']:.2f} ({wall})"
+            f"  peak memory x{ratios[memory]['memory']:.2f} ({memory})",
+            flush=True,
+        )
 
 
 def n_params(model: Path) -> int:
@@ -552,6 +577,19 @@ def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runne
     return run
 
 
+def native_bf16(w: Workload) -> bool:
+    """Whether bf16 autocast is the faster setting for ``w`` here, by the rule tunesmith's
+    ``precision: auto`` follows: a CUDA GPU with bf16, or a CPU that multiplies bf16 natively
+    (AVX512_BF16 / AMX) and a model wide enough for it to pay."""
+    import torch
+
+    from tunesmith.training.precision import CPU_BF16_MIN_HIDDEN, cpu_has_native_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16() and w.hidden >= CPU_BF16_MIN_HIDDEN
+
+
 def _gpu_mb() -> float | None:
     import torch
 
@@ -581,7 +619,7 @@ def trl_runner(
             "save_strategy": "no",
             "logging_steps": 10_000,
             "use_cpu": not torch.cuda.is_available(),
-            "bf16": torch.cuda.is_available(),
+            "bf16": native_bf16(w),
             "disable_tqdm": True,
         }
         config = getattr(trl, f"{kind}Config")(**{**settings, **args(w)})

@@ -92,7 +92,11 @@ RUNS = {
 }
 COMPARISONS = {
     "lora": ("tunesmith dpo lora", "trl+peft dpo lora"),
-    # TRL with CPU bf16 autocast: its faster setting on a CPU with native bf16
+    # TRL with bf16 autocast named (the "lora" comparison takes it where it is native, its
+    # faster setting there). transformers' length-grouped sampler, TRL's faster SFT setting on a
+    # CPU, is not one for DPO: DPOTrainer stops with "Can only automatically infer lengths for
+    # datasets whose items are dictionaries with an 'input_ids' key", and a `length` column does
+    # not survive its tokenisation (TRL 1.16, checked 2026-11-29)
     "lora-bf16": ("tunesmith dpo lora", "trl+peft dpo lora bf16"),
     # each pair in one row against two rows (tunesmith both): `data.share_prompt`
     "shared-vs-separate": ("tunesmith dpo lora shared rows", "tunesmith dpo lora separate rows"),
