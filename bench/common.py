@@ -10,6 +10,8 @@ What is measured, for both tools alike:
   (imports), model loading, data preparation, training and saving the result all count;
 - **peak RSS**: the child's peak resident set size, read from outside by ``os.wait4`` (on CUDA,
   the GPU's max allocated memory as the child reports it).
+- **mean loss**: the mean of the training steps' losses (TRL's ``training_loss``; for tunesmith
+  from its ``metrics.jsonl``), a check that both trained alike, not a quality measure.
 
 Runs alternate (tunesmith, peer, tunesmith, peer, ...) in one parent process so that a machine
 whose speed drifts (other jobs on the same cores) weighs on both alike; ratios are taken pair by
@@ -488,7 +490,7 @@ def main(
                 ex = rs[0]["examples"] / max(rs[0]["steps"], 1)
                 print(
                     f"    {name:<36} loop {med['tok_s']:>8,.0f} tok/s  whole process {med['wall']:>6.1f} s"
-                    f"  peak {med['peak_mb']:>7,.0f} MB  loss {rs[0]['loss']:.3f}"
+                    f"  peak {med['peak_mb']:>7,.0f} MB  mean loss {rs[0]['loss']:.3f}"
                     f"  {ex:.1f} examples/step ({rs[0]['steps']} steps)"
                     + (f"  MFU {flops_per_token * med['tok_s'] / peak:.1%}" if peak else ""),
                     flush=True,
@@ -566,9 +568,13 @@ def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runne
 
             logps.CHUNK_ELEMENTS = int(chunk)
         res = tunesmith.train(config(model, data, out, w))
+        # the mean of the steps' losses, as TRL's `training_loss` is (tunesmith's own
+        # `train_loss` is the last step's, lower after a run's worth of training)
+        logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").open()]
+        losses = [r["loss"] for r in logged if "loss" in r]
         return {
             "seconds": res.metrics["train_seconds"],
-            "loss": res.metrics["train_loss"],
+            "loss": statistics.mean(losses) if losses else res.metrics["train_loss"],
             "steps": res.metrics["steps"],
             "examples": res.metrics.get("train_examples", res.metrics.get("train_pairs")),
             "gpu_mb": _gpu_mb(),
