@@ -13,9 +13,10 @@ What is measured, for both tools alike:
 - **mean loss**: the mean of the training steps' losses (TRL's ``training_loss``; for tunesmith
   from its ``metrics.jsonl``), a check that both trained alike, not a quality measure.
 
-Runs alternate (tunesmith, peer, tunesmith, peer, ...) in one parent process so that a machine
-whose speed drifts (other jobs on the same cores) weighs on both alike; ratios are taken pair by
-pair and their median is printed.
+Runs alternate in rounds in one parent process (tunesmith, then each peer setting; the next
+round in the reverse order; an even ``--repeat`` balances the order) so that a machine whose
+speed drifts (other jobs on the same cores) weighs on all alike; ratios are taken round by round
+and their median is printed.
 
 ``--profile N`` adds a diagnosis to each run: ``torch.profiler`` records optimiser steps
 ``PROFILE_FROM`` to ``PROFILE_FROM + N - 1`` (after the first steps' warm-up) of both tools, hooked
@@ -259,7 +260,13 @@ def parse_args(doc: str, size: str, default: int, help: str) -> argparse.Namespa
         help="shape of the work (all: the CPU ones): "
         + "; ".join(f"{k}: {v.about}" for k, v in WORKLOADS.items()),
     )
-    p.add_argument("--repeat", type=int, default=2, help="alternating pairs per comparison")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="rounds per comparison (each runs tunesmith and every peer setting once; "
+        "alternate rounds reverse the order, so an even number balances it)",
+    )
     p.add_argument(
         "--batch",
         type=int,
@@ -466,7 +473,8 @@ def main(
         if a.profile:
             print("   --profile: the timings below include the profiler's own cost", flush=True)
         for cname, (ours, *peers) in chosen.items():
-            got: dict[str, list[dict]] = {name: [] for name in (ours, *peers)}
+            # got[name][round]: that run's result, None where its process failed
+            got: dict[str, list[dict | None]] = {name: [] for name in (ours, *peers)}
             for rep in range(a.repeat):
                 order = (ours, *peers) if rep % 2 == 0 else (*reversed(peers), ours)
                 for name in order:
@@ -474,17 +482,19 @@ def main(
                         name,
                         model,
                         data,
-                        root / f"{cname}-{rep}-{list(got).index(name)}-{len(got[name])}",
+                        root / f"{cname}-{rep}-{list(got).index(name)}",
                         wname,
                         a.batch,
                         a.profile,
                     )
                     if r is not None:
                         r["tok_s"] = tokens / r["seconds"]
-                        got[name].append(r)
+                    got[name].append(r)
             print(f"  {cname}:", flush=True)
-            for name, rs in got.items():
+            for name, runs in got.items():
+                rs = [r for r in runs if r is not None]
                 if not rs:
+                    print(f"    {name:<36} every run failed (see its log above)", flush=True)
                     continue
                 med = {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "wall", "peak_mb")}
                 ex = rs[0]["examples"] / max(rs[0]["steps"], 1)
@@ -500,30 +510,32 @@ def main(
             print_ratios(f"{wname} {cname}", got[ours], {p: got[p] for p in peers})
 
 
-def print_ratios(label: str, ours: list[dict], peers: dict[str, list[dict]]) -> None:
-    """Pair-by-pair ratios (median over the alternating pairs) against each peer setting; with
-    more than one, also against the peer's best setting on each axis: its fastest loop, its
-    fastest whole process and its leanest memory, which may be different settings."""
+def print_ratios(label: str, ours: list[dict | None], peers: dict[str, list[dict | None]]) -> None:
+    """Ratios against each peer setting, each the median over the rounds in which both runs
+    succeeded (``ours[i]`` and a peer's ``[i]`` ran in the same round; None is a failed run);
+    with more than one peer setting, also against the peer's best on each axis: its fastest
+    loop, its fastest whole process and its leanest memory, which may be different settings."""
     ratios = {}
     for name, theirs in peers.items():
-        n = min(len(ours), len(theirs))
-        if not n:
+        pairs = [(o, p) for o, p in zip(ours, theirs) if o is not None and p is not None]
+        if not pairs:
+            print(f"    RATIO {label}: no round with both runs against {name}", flush=True)
             continue
-        pairs = list(zip(ours[:n], theirs[:n]))
         ratios[name] = {
             "loop": statistics.median(o["tok_s"] / p["tok_s"] for o, p in pairs),
             "wall": statistics.median(p["wall"] / o["wall"] for o, p in pairs),
             "memory": statistics.median(o["peak_mb"] / p["peak_mb"] for o, p in pairs),
-            "n": n,
+            "n": len(pairs),
         }
         against = f" against {name}" if len(peers) > 1 else ""
+        rounds = f"{len(pairs)} alternating round" + ("s" if len(pairs) > 1 else "")
         print(
             f"    RATIO {label}{against}: loop speed x{ratios[name]['loop']:.2f}"
             f"  whole-process speed x{ratios[name]['wall']:.2f}"
-            f"  peak memory x{ratios[name]['memory']:.2f}  (median of {n} alternating pairs)",
+            f"  peak memory x{ratios[name]['memory']:.2f}  (median of {rounds})",
             flush=True,
         )
-    if len(ratios) > 1:
+    if len(peers) > 1 and len(ratios) == len(peers):
         loop = min(ratios, key=lambda k: ratios[k]["loop"])
         wall = min(ratios, key=lambda k: ratios[k]["wall"])
         memory = max(ratios, key=lambda k: ratios[k]["memory"])
@@ -533,6 +545,10 @@ def print_ratios(label: str, ours: list[dict], peers: dict[str, list[dict]]) -> 
             f"  whole-process speed x{ratios[wall]['wall']:.2f} ({wall})"
             f"  peak memory x{ratios[memory]['memory']:.2f} ({memory})",
             flush=True,
+        )
+    elif len(peers) > 1:
+        print(
+            f"    RATIO {label}: no line against the peer's best (a setting has no run)", flush=True
         )
 
 
@@ -562,19 +578,20 @@ def tunesmith_runner(config: Callable[[str, str, str, Workload], dict]) -> Runne
 
     def run(model: str, data: str, out: str, w: Workload) -> dict:
         import tunesmith
+        from tunesmith.training.logging import read_metrics
 
         if chunk := os.environ.get("TUNESMITH_BENCH_CHUNK_ELEMENTS"):  # an experiment's knob
             from tunesmith.objectives import logps
 
             logps.CHUNK_ELEMENTS = int(chunk)
         res = tunesmith.train(config(model, data, out, w))
-        # the mean of the steps' losses, as TRL's `training_loss` is (tunesmith's own
-        # `train_loss` is the last step's, lower after a run's worth of training)
-        logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").open()]
-        losses = [r["loss"] for r in logged if "loss" in r]
+        # the mean of the applied steps' losses (every step is logged by default), as TRL's
+        # `training_loss` is; tunesmith's own `train_loss` is the last step's
+        logged = read_metrics(Path(res.output_dir) / "metrics.jsonl")
+        losses = [r["loss"] for r in logged if "loss" in r and not r.get("skipped")]
         return {
             "seconds": res.metrics["train_seconds"],
-            "loss": statistics.mean(losses) if losses else res.metrics["train_loss"],
+            "loss": statistics.mean(losses) if losses else float("nan"),
             "steps": res.metrics["steps"],
             "examples": res.metrics.get("train_examples", res.metrics.get("train_pairs")),
             "gpu_mb": _gpu_mb(),

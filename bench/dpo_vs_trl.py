@@ -61,7 +61,7 @@ def dpo_config(model: str, data: str, out: str, w: Workload, **data_settings) ->
 
 
 def trl_dpo(**settings):
-    """``settings`` go to DPOConfig on top of the bench's (``bf16=True``: CPU autocast)."""
+    """``settings`` go to DPOConfig on top of the bench's (``bf16`` where native: ``native_bf16``)."""
     return trl_runner(
         "DPO",
         True,

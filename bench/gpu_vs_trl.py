@@ -8,8 +8,10 @@ so for LoRA it overstates the work done: read it as throughput in the same unit)
     python bench/gpu_vs_trl.py                       # on the GPU: 4 runs, ~5-8 minutes
     python bench/gpu_vs_trl.py --workload gpu-tiny   # check the script on CPU in a few minutes
 
-The runs, their config and the comparison are bench/sft_vs_trl.py's; this file only picks the
-GPU workload and sizes. Each run is its own process, tunesmith and TRL alternate.
+The runs and their config are bench/sft_vs_trl.py's; this file picks the GPU workload, sizes
+and comparisons (TRL with random batches by default; `--only lora-grouped,full-grouped` adds its
+length-grouped sampler: three processes per comparison). Each run is its own process, tunesmith
+and TRL alternate.
 """
 
 from __future__ import annotations

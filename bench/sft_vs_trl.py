@@ -7,8 +7,10 @@ configuration trains as a process of its own; tunesmith and TRL alternate, ``--r
 each, and the ratios are the median of the pair-by-pair ratios. TRL runs at its faster setting
 (activation checkpointing off), with and without transformers' length-grouped sampler
 (`train_sampling_strategy="group_by_length"`): on a CPU the grouped batches are its faster loop
-and the random ones its smaller memory, and the last ratio line of a comparison takes each axis
-against TRL's better setting there.
+and usually its larger memory, and the last ratio line of a comparison takes each axis against
+TRL's better setting there. TRL's precision follows the rule tunesmith's `auto` does (bf16
+autocast where the hardware multiplies bf16 natively: ``native_bf16`` in bench/common.py)
+unless a comparison names it.
 
     OMP_NUM_THREADS=2 python bench/sft_vs_trl.py --workload all --examples 64
     python bench/sft_vs_trl.py --workload short --only lora --repeat 3
@@ -75,7 +77,7 @@ def tunesmith_sft(method: str, train: dict | None = None, **data_settings):
 
 
 def trl_sft(lora: bool, **settings):
-    """``settings`` go to SFTConfig on top of the bench's (``bf16=True``: CPU autocast)."""
+    """``settings`` go to SFTConfig on top of the bench's (``bf16`` where native: ``native_bf16``)."""
     return trl_runner(
         "SFT",
         lora,
@@ -104,6 +106,7 @@ RUNS = {
     "trl full": trl_sft(False),  # bf16 autocast where native (bench/common.py native_bf16)
     "trl+peft lora": trl_sft(True),
     "trl+peft lora fp32": trl_sft(True, bf16=False),
+    "trl+peft lora fp32 grouped": trl_sft(True, bf16=False, **GROUPED),
     "trl full grouped": trl_sft(False, **GROUPED),
     "trl+peft lora grouped": trl_sft(True, **GROUPED),
     "trl full bf16": trl_sft(False, bf16=True),
@@ -112,10 +115,10 @@ RUNS = {
     "trl+peft lora bf16 grouped": trl_sft(True, bf16=True, **GROUPED),
 }
 # (tunesmith's run, TRL's settings to measure against). TRL's SFT has two settings worth
-# measuring: transformers' length-grouped sampler is its faster loop (1.13x on the short
-# workload, 512 examples) and its random batches its smaller peak memory (0.64x: the grouped
-# batches' new shapes fill oneDNN's kernel caches), so the ratios against the peer's best take
-# each axis from the setting that is best there.
+# measuring: transformers' length-grouped sampler is its faster loop (1.13-1.46x on the three
+# CPU workloads), and its random batches were its smaller peak memory on two of them (the
+# grouped batches' new shapes fill oneDNN's kernel caches), so the ratios against the peer's
+# best take each axis from the setting that is best there in that run.
 COMPARISONS = {
     "lora": ("tunesmith lora", "trl+peft lora grouped", "trl+peft lora"),
     "full": ("tunesmith full", "trl full grouped", "trl full"),
@@ -125,10 +128,14 @@ COMPARISONS = {
     # precision named on both sides (the defaults above take bf16 where it is native)
     "lora-bf16-vs-fp32": ("tunesmith lora bf16", "tunesmith lora fp32"),
     "lora-bf16": ("tunesmith lora bf16", "trl+peft lora bf16 grouped", "trl+peft lora bf16"),
-    "lora-bf16-vs-trl-fp32": ("tunesmith lora bf16", "trl+peft lora fp32"),
+    "lora-bf16-vs-trl-fp32": (
+        "tunesmith lora bf16",
+        "trl+peft lora fp32 grouped",
+        "trl+peft lora fp32",
+    ),
     "full-bf16": ("tunesmith full bf16", "trl full bf16 grouped", "trl full bf16"),
     # both in float32: what a CPU without native bf16 gets
-    "lora-fp32": ("tunesmith lora fp32", "trl+peft lora fp32"),
+    "lora-fp32": ("tunesmith lora fp32", "trl+peft lora fp32 grouped", "trl+peft lora fp32"),
     # TRL against itself: is the length-grouped sampler its faster setting here?
     "trl-lora-grouped": ("trl+peft lora bf16 grouped", "trl+peft lora bf16"),
     "trl-full-grouped": ("trl full bf16 grouped", "trl full bf16"),

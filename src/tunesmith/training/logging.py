@@ -22,6 +22,11 @@ def _records(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (none if it is missing), complete lines only."""
+    return _records(path.read_text()) if path.exists() else []
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged step or evaluation."""
 
@@ -49,9 +54,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return _records(self.path.read_text())
+        return read_metrics(self.path)
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
