@@ -320,7 +320,8 @@ def profile_steps(steps: int) -> Callable[[], None]:
             return
         prof.stop()
         state["recording"] = False
-        recorded = max(state["done"] - (PROFILE_FROM - 1), 1)
+        steps_in = state["done"] - (PROFILE_FROM - 1)  # 0: the run ended before step PROFILE_FROM
+        recorded = max(steps_in, 1)
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         averages = prof.key_averages()
         events = sorted(averages, key=lambda e: -getattr(e, key))
@@ -335,8 +336,9 @@ def profile_steps(steps: int) -> Callable[[], None]:
             }
             for e in events[:PROFILE_ROWS]
         ]
-        first, last = PROFILE_FROM, PROFILE_FROM + recorded - 1
-        about = f"steps {first}-{last}, {'device' if cuda else 'CPU'} time per step"
+        first, last = PROFILE_FROM, PROFILE_FROM + steps_in - 1
+        span = f"steps {first}-{last}" if steps_in else f"after step {first - 1} (no step recorded)"
+        about = f"{span}, {'device' if cuda else 'CPU'} time per step"
         print("PROFILE " + json.dumps({"about": about, "rows": rows}), flush=True)
 
     def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -351,6 +353,23 @@ def profile_steps(steps: int) -> Callable[[], None]:
 
     register_optimizer_step_post_hook(hook)
     return finish
+
+
+def child_result(run: Callable[[], dict[str, Any]], profile: int) -> None:
+    """A child's side of a bench run: ``run()`` (its steps profiled when ``profile`` > 0; a run
+    shorter than that reports what it recorded) and its ``RESULT`` line for the parent."""
+    stop = profile_steps(profile) if profile else None
+    result = run()
+    if stop is not None:
+        stop()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def tagged(text: str, tag: str) -> Any:
+    """The JSON on a child's first output line that starts with ``tag`` (``RESULT``,
+    ``PROFILE``), or None."""
+    line = next((ln for ln in text.splitlines() if ln.startswith(tag + " ")), None)
+    return None if line is None else json.loads(line[len(tag) + 1 :])
 
 
 def print_profile(profile: dict[str, Any]) -> None:
@@ -405,14 +424,12 @@ def run_child(
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text()
-    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
+    r = tagged(text, "RESULT")
+    if r is None:
         print(f"  {name}: failed\n{text[-3000:]}", flush=True)
         return None
-    r = json.loads(line[7:])
     r["wall"] = wall
-    found = next((ln for ln in text.splitlines() if ln.startswith("PROFILE ")), None)
-    r["profile"] = json.loads(found[8:]) if found else None
+    r["profile"] = tagged(text, "PROFILE")
     if r.get("gpu_mb") is None:
         r["peak_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
     else:
@@ -442,11 +459,7 @@ def main(
 
     if a.child:
         w = workload(a.child_workload)
-        stop = profile_steps(a.profile) if a.profile else None
-        result = runs[a.child](a.model, a.data, a.out, w)
-        if stop is not None:
-            stop()  # a run shorter than the profiled steps reports what it recorded
-        print("RESULT " + json.dumps(result), flush=True)
+        child_result(lambda: runs[a.child](a.model, a.data, a.out, w), a.profile)
         return
     import torch
 
@@ -525,7 +538,6 @@ def print_ratios(label: str, ours: list[dict | None], peers: dict[str, list[dict
             "loop": statistics.median(o["tok_s"] / p["tok_s"] for o, p in pairs),
             "wall": statistics.median(p["wall"] / o["wall"] for o, p in pairs),
             "memory": statistics.median(o["peak_mb"] / p["peak_mb"] for o, p in pairs),
-            "n": len(pairs),
         }
         against = f" against {name}" if len(peers) > 1 else ""
         rounds = f"{len(pairs)} alternating round" + ("s" if len(pairs) > 1 else "")

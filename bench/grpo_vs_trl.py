@@ -29,12 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     child_env,
+    child_result,
     make_model,
     parse_args,
     peak_mb,
     print_profile,
-    profile_steps,
     sentence,
+    tagged,
     words,
 )
 
@@ -88,7 +89,9 @@ def run_tunesmith(model: str, data: str, out: str, steps: int) -> dict:
             "output_dir": str(root / "run"),
         }
     )
-    rows = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    from tunesmith.training.logging import read_metrics
+
+    rows = read_metrics(root / "run" / "metrics.jsonl")
     tokens = rows[-1]["tokens"]  # real prompt + response tokens of every response trained on
     return {
         "seconds": res.metrics["train_seconds"],
@@ -163,11 +166,7 @@ RUNS = {
 def main() -> None:
     a = parse_args(__doc__, "--steps", 10, "optimiser steps = rollout batches (default 10)")
     if a.child:
-        stop = profile_steps(a.profile) if a.profile else None
-        result = RUNS[a.child](a.model, a.data, a.out, a.steps)
-        if stop is not None:
-            stop()
-        print("RESULT " + json.dumps(result))
+        child_result(lambda: RUNS[a.child](a.model, a.data, a.out, a.steps), a.profile)
         return
     root = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
     model, data = make_model(root), make_prompts(root, 64)
@@ -182,11 +181,10 @@ def main() -> None:
         cmd += ["--model", str(model), "--data", str(data), "--out", str(root / f"run{k}")]
         cmd += ["--profile", str(a.profile)] if a.profile else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(name))
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
+        r = tagged(proc.stdout, "RESULT")
+        if r is None:
             print(f"  {name}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
-        r = json.loads(line[7:])
         r["tok_s"] = r["tokens"] / r["seconds"]
         results[name] = r
         print(
@@ -194,9 +192,8 @@ def main() -> None:
             f"peak {r['peak_mb']:>6,.0f} MB  mean reward {r['reward']:.3f}",
             flush=True,
         )
-        found = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
-        if found:
-            print_profile(json.loads(found[8:]))
+        if found := tagged(proc.stdout, "PROFILE"):
+            print_profile(found)
     peers = [v for k, v in results.items() if not k.startswith("tunesmith")]
     ours = results.get("tunesmith grpo lora")
     if peers and ours:
