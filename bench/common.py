@@ -449,7 +449,7 @@ def main(
     """Parse arguments; as a child, run one entry of ``runs``; as the parent, run the
     comparisons (tunesmith run, then one or more peer runs: the peer's settings to measure
     against) in ``default`` (or ``--only``; all when neither) alternately ``--repeat`` times on
-    each workload asked for, and print medians and pair-by-pair ratios."""
+    each workload asked for, and print medians and round-by-round ratios."""
     a = parse_args(doc, "--examples", 256, "training examples or pairs (default 256)")
 
     def workload(name: str) -> Workload:

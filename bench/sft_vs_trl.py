@@ -3,8 +3,8 @@ SFTTrainer (full, PEFT LoRA) on three workloads (bench/common.py ``WORKLOADS``).
 
 Same random-initialised Qwen2-layout model, same prompt/completion pairs, same batch size
 (examples per optimiser step), learning rate and epochs, same machine, one run. Each
-configuration trains as a process of its own; tunesmith and TRL alternate, ``--repeat`` pairs
-each, and the ratios are the median of the pair-by-pair ratios. TRL runs at its faster setting
+configuration trains as a process of its own; tunesmith and TRL alternate, ``--repeat`` rounds
+each, and the ratios are the median of the round-by-round ratios. TRL runs at its faster setting
 (activation checkpointing off), with and without transformers' length-grouped sampler
 (`train_sampling_strategy="group_by_length"`): on a CPU the grouped batches are its faster loop
 and usually its larger memory, and the last ratio line of a comparison takes each axis against
