@@ -115,7 +115,9 @@ class FusedLinear(torch.autograd.Function):
             dx_lora = gh @ a if need[2] else None
             dx = g @ w if need[0] else None
         elif need[0]:
-            dx = g @ w if gh is None else torch.addmm(gh @ a, g, w)
+            dx = g @ w
+            if gh is not None:  # into the product's output: addmm(gh @ a, g, w) first copies gh @ a
+                dx.addmm_(gh, a)
         dw = g.t() @ x2 if need[3] else None
         db = g.sum(0) if need[4] else None
         da = gh.t() @ xl if need[5] else None
