@@ -30,6 +30,35 @@ EPILOG = """examples:
 """
 
 
+def _number(kind: type, low: float, high: float | None = None, above: bool = False) -> Any:
+    """An argparse ``type`` for a ``kind`` (int or float) value from ``low`` (excluded when
+    ``above``) up to ``high``: out of range or not a number is a one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {what}") from None
+        if (
+            value != value
+            or (value <= low if above else value < low)
+            or (high is not None and value > high)
+        ):
+            bound = f"> {low:g}" if above else f">= {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"got {text}; must be {bound}" + (f" and <= {high:g}" if high is not None else "")
+            )
+        return value
+
+    return parse
+
+
+COUNT = _number(int, 1)  # one or more
+AMOUNT = _number(int, 0)  # zero or more
+PROBABILITY_MASS = _number(float, 0.0, 1.0, above=True)  # top-p
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunesmith",
@@ -65,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pv.add_argument("config", help="YAML config file")
     pv.add_argument("overrides", nargs="*", help="dotted overrides")
-    pv.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default 3)")
+    pv.add_argument("-n", "--examples", type=AMOUNT, default=3, help="examples to show (default 3)")
 
     g = sub.add_parser(
         "generate",
@@ -76,12 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prompt", action="append", required=True, help="prompt text (repeat for several)"
     )
-    g.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    g.add_argument("--max-new-tokens", type=COUNT, default=64, help="default 64")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)"
+        "--temperature",
+        type=_number(float, 0.0, above=True),
+        default=0.8,
+        help="sampling temperature, > 0 (default 0.8)",
     )
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument(
+        "--top-p", type=PROBABILITY_MASS, default=0.95, help="nucleus sampling mass (default 0.95)"
+    )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument(
@@ -100,13 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="held-out metrics of a run (sft: loss, perplexity, exact match; reward/dpo: preference accuracy)",
-        description="Evaluate a run folder on its config's held-out split (sft, reward or dpo), or an sft config's base model.",
+        description="Evaluate a run folder on its config's held-out split (the metrics its task reports), or an sft config's base model.",
     )
     e.add_argument("target", help="run folder or YAML config")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the config")
     e.add_argument(
         "--samples",
-        type=int,
+        type=AMOUNT,
         default=200,
         help="held-out examples scored by exact match (0 to skip; default 200)",
     )
@@ -133,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cp.add_argument(
         "--samples",
-        type=int,
+        type=AMOUNT,
         default=200,
         help="held-out examples scored by exact match (default 200)",
     )
@@ -191,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--output-dir",
         default="runs/quickstart",
-        help="run folder (default runs/quickstart; replaced each time)",
+        help="run folder (default runs/quickstart; a folder an earlier quickstart made is replaced, any other must be new or empty)",
     )
 
     sub.add_parser(
@@ -226,22 +260,29 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to serve on (default 127.0.0.1; any other needs the printed token)",
     )
-    fb.add_argument("--port", type=int, default=8765, help="default 8765; 0 takes any free port")
+    fb.add_argument(
+        "--port",
+        type=_number(int, 0, 65535),
+        default=8765,
+        help="default 8765; 0 takes any free port",
+    )
     fb.add_argument(
         "--judges-per-pair",
-        type=int,
+        type=COUNT,
         default=1,
         help="how many people judge each pair (2+ measures agreement; default 1)",
     )
-    fb.add_argument("--limit", type=int, help="use the first N distinct prompts")
-    fb.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    fb.add_argument("--limit", type=COUNT, help="use the first N distinct prompts")
+    fb.add_argument("--max-new-tokens", type=COUNT, default=64, help="default 64")
     fb.add_argument(
         "--temperature",
-        type=float,
+        type=_number(float, 0.0),
         default=1.0,
         help="sampling temperature (default 1.0; 0: greedy, with --against)",
     )
-    fb.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    fb.add_argument(
+        "--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus sampling mass (default 1.0)"
+    )
     fb.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     fb.add_argument(
         "--raw", action="store_true", help="do not wrap text prompts in the chat template"
@@ -315,6 +356,10 @@ def _cmd_generate(a: argparse.Namespace) -> None:
         if not sep or not name or not run or name in ("base", "all"):
             raise TunesmithError(
                 f"--adapter {item}: write NAME=RUN_FOLDER (NAME not 'base' or 'all')."
+            )
+        if name in adapters:
+            raise TunesmithError(
+                f"--adapter {item}: the name '{name}' is given twice; give each its own."
             )
         adapters[name] = run
     if a.use is None and len(adapters) > 1:

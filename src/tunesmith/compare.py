@@ -21,6 +21,7 @@ from tunesmith.config import load_config
 from tunesmith.console import say
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import method_names
+from tunesmith.paths import require_new_folder
 from tunesmith.tasks import get_task
 
 ARTIFACTS = ("*.safetensors",)
@@ -95,15 +96,16 @@ def compare(
     task = get_task(cfg.task)
     metrics = task.compare_metrics
     raw = cfg.to_dict()
-    root = Path(cfg.output_dir)
-    if root.exists() and any(root.iterdir()):
-        raise TunesmithError(
-            f"output_dir: {root} is not empty; choose a new folder for the comparison (output_dir=...)."
-        )
+    root = require_new_folder(cfg.output_dir, "output_dir")
+    specs = {
+        name: {**_method_spec(name, raw, options), "output_dir": str(root / name)}
+        for name in methods
+    }
+    for spec in specs.values():  # every --set checked before anything is written
+        load_config(spec)
     rows = []
-    for name in methods:
+    for name, spec in specs.items():
         run = root / name
-        spec = {**_method_spec(name, raw, options), "output_dir": str(run)}
         root.mkdir(parents=True, exist_ok=True)
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -484,8 +484,26 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads '1e-4' (no dot) as a float, as people write it. Integers stay
-    integers: the int resolver comes first and claims '8' before this one is consulted."""
+    """Safe YAML that also reads '1e-4' (no dot) as a float, as people write it (integers stay
+    integers: the int resolver comes first and claims '8' before this one is consulted), and
+    refuses a key given twice in one section, where plain YAML keeps the last without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key '{key}' is given twice in one section (first on line {seen[key]}); keep one",
+                    key_node.start_mark,
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -524,7 +542,7 @@ def read_config_data(
         except ValueError as e:  # a NUL in the path
             raise ConfigError(f"{str(path)!r}: cannot read the config file ({e}).") from None
         try:
-            data = yaml.load(text, Loader=_Loader) or {}
+            data = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             if mark is not None:
@@ -533,7 +551,16 @@ def read_config_data(
                 line = f":{text.count(chr(10), 0, e.position) + 1}"
             else:
                 line = ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({_yaml_problem(e)}).") from None
+            problem = _yaml_problem(e)
+            context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+            if context and start is not None and mark is not None and start.line != mark.line:
+                problem += f"; {context} that starts on line {start.line + 1}"  # an unclosed '{'
+            raise ConfigError(f"{path}{line}: not valid YAML ({problem}).") from None
+        if data is None:
+            raise ConfigError(
+                f"{path}: the config file is empty; give at least model and data.train "
+                "(the files in configs/ are examples)."
+            )
     else:
         data = copy.deepcopy(source)
     return apply_overrides(data, overrides)

@@ -19,6 +19,7 @@ from tunesmith.methods.fused_attention import fuse_attention
 from tunesmith.methods.fused_lora import fuse_linear
 from tunesmith.methods.fused_mlp import fuse_swiglu
 from tunesmith.methods.fused_norm import fuse_rmsnorm
+from tunesmith.paths import looks_local
 
 DTYPES = {
     "float32": torch.float32,
@@ -154,7 +155,7 @@ def resolve_model_path(name: str) -> str:
                 f"model.name: {path} has no config.json; is it a Hugging Face model folder?"
             )
         return str(path)
-    if name.startswith((".", "/", "~")):
+    if looks_local(name):
         raise TunesmithError(f"model.name: {path} does not exist.")
     return name  # a hub id
 

@@ -35,6 +35,7 @@ from tunesmith.models import (
     pick_device,
     resolve_model_path,
 )
+from tunesmith.paths import share_weights
 from tunesmith.report import write_report
 from tunesmith.tasks import Context, Task, get_task
 from tunesmith.tasks.base import record_counts
@@ -407,6 +408,7 @@ def save_artifacts(ctx: Context, task: Task, base_path: str, info: dict[str, Any
     if ctx.data.template:
         ctx.tokenizer.chat_template = ctx.data.template
     ctx.tokenizer.save_pretrained(out)
+    share_weights(out)
     run = {
         "task": task.name,
         "head": task.head,

@@ -26,6 +26,7 @@ from tunesmith.models import (
     load_tokenizer,
     pick_device,
 )
+from tunesmith.paths import require_new_folder
 from tunesmith.prepare import ensure_model
 
 QUICKSTART = {
@@ -49,10 +50,28 @@ QUICKSTART = {
     },
 }
 SHOW = 6  # generations shown side by side
+SECTION = "## Quickstart: before and after"  # the report's section a quickstart adds
+MARK = ".tunesmith-quickstart"  # in the folders a quickstart made: the ones it may replace
 
 
 def _measure(model: Any, tokenizer: Any, records: list, template: str | None) -> ExactMatch:
     return exact_match(model, tokenizer, records, "chat", template, max_new_tokens=8)
+
+
+def claim_folder(out: Path) -> None:
+    """Make ``out`` an empty folder marked as the quickstart's: one an earlier quickstart made
+    is replaced, any other must be new or empty (one-line error otherwise, nothing touched)."""
+    report = out / "report.md"
+    earlier = (out / MARK).is_file() or (  # or one finished before the mark existed
+        report.is_file() and SECTION in report.read_text(errors="replace")
+    )
+    if not earlier:
+        require_new_folder(out, "--output-dir", " (quickstart replaces only a folder it made)")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / MARK).write_text(
+        "made by `tunesmith quickstart`, which replaces this folder when run again\n"
+    )
 
 
 def quickstart(
@@ -61,7 +80,7 @@ def quickstart(
     """Run the demo end to end; return the before/after metrics."""
     t0 = time.perf_counter()
     out = Path(output_dir)
-    shutil.rmtree(out, ignore_errors=True)  # the demo's own folder, replaced on every run
+    claim_folder(out)
     cfg = load_config({**QUICKSTART, "output_dir": str(out)}, overrides)
     device = pick_device(cfg.train.device)
     base_path = ensure_model(cfg.model.name)  # builds the base model the first time
@@ -104,7 +123,7 @@ def quickstart(
         f"| {q} | {ref} | `{_short(b)}` | `{_short(a)}` |" for q, (_, ref, b), (_, _, a) in shown
     )
     section = (
-        "## Quickstart: before and after\n\n"
+        f"{SECTION}\n\n"
         f"Held-out exact match: **{100 * before.score:.1f}%** (base) -> **{100 * after.score:.1f}%** (after) on {after.n} questions.\n\n"
         f"| question | reference | base model | after LoRA SFT |\n| --- | --- | --- | --- |\n{rows}\n\n"
     )

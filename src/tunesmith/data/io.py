@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
+from tunesmith.paths import looks_local
 from tunesmith.textfiles import bad_utf8, text_encoding
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -267,7 +268,7 @@ def read_records(
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}).") from None
     if records is None:
-        if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        if path.suffix.lower() in (*FILE_SUFFIXES, ".txt") or looks_local(source):
             raise DataError(f"{path}: file not found.")
         records = _read_hub(source, split)
     if not records:

@@ -58,6 +58,8 @@ class MetricsLog:
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
+    """A progress bar on stderr: redrawn as it goes on a terminal, a line every 30 s into a log
+    file or pipe (where each redraw would add a line)."""
     return tqdm(
         total=total,
         initial=initial,
@@ -66,6 +68,7 @@ def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
         dynamic_ncols=True,
         file=sys.stderr,
         unit="step",
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
 
 

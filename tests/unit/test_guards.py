@@ -1,0 +1,166 @@
+"""What the commands refuse before they touch anything: folders that hold the user's files, paths
+that cannot exist, option values out of range, config files that say less (or twice) what the
+user meant. Each refusal is one line, and what was on disk before is still there after."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.data.io import read_records
+from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.models import resolve_model_path
+from tunesmith.paths import looks_local, share_weights
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def _users_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work\n")
+    return path
+
+
+def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
+    from tunesmith.quickstart import quickstart
+
+    mine = _users_folder(tmp_path / "mine")
+    with pytest.raises(TunesmithError, match=r"--output-dir: .*mine is not empty"):
+        quickstart(mine)
+    assert (mine / "thesis.tex").read_text() == "years of work\n"
+
+
+def test_quickstart_replaces_only_its_own_folder(tmp_path):
+    from tunesmith.quickstart import MARK, SECTION, claim_folder
+
+    new = tmp_path / "new"
+    claim_folder(new)
+    assert (new / MARK).is_file()
+    (new / "metrics.jsonl").write_text("{}\n")  # an earlier quickstart's run
+    claim_folder(new)  # replaced
+    assert sorted(p.name for p in new.iterdir()) == [MARK]
+    (new / MARK).unlink()
+    (new / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(TunesmithError, match="not empty"):
+        claim_folder(new)
+    assert (new / "metrics.jsonl").exists()
+    (new / "report.md").write_text(f"# Run\n\n{SECTION}\n")  # finished before the mark existed
+    claim_folder(new)
+    assert sorted(p.name for p in new.iterdir()) == [MARK]
+
+
+def test_student_and_merge_refuse_a_non_empty_out_before_loading(tmp_path):
+    from tunesmith.merge import merge_run
+    from tunesmith.student import build_student
+
+    out = _users_folder(tmp_path / "out")
+    with pytest.raises(TunesmithError, match=r"--out: .*out is not empty"):
+        build_student("no-such-teacher-is-loaded", out)
+    run = tmp_path / "run"  # looks like a run folder; nothing in it would load
+    run.mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(TunesmithError, match=r"--out: .*out is not empty"):
+        merge_run(run, out)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_compare_checks_every_setting_before_writing(tmp_path):
+    from tunesmith.compare import compare
+
+    root = tmp_path / "cmp"
+    with pytest.raises(ConfigError, match="rnk"):
+        compare(
+            str(CONFIGS / "sft_lora.yaml"),
+            ["full", "lora"],
+            [f"output_dir={root}"],
+            options=["lora.rnk=2"],
+        )
+    assert not root.exists()  # so the corrected command runs in the same folder
+
+
+def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/nothere", "./m", "a/b/c", "~/m-that-is-not-here"):
+        assert looks_local(name)
+        with pytest.raises(TunesmithError, match="does not exist"):
+            resolve_model_path(name)
+    for hub_id in ("gpt2", "Qwen/Qwen2.5-0.5B"):  # no folder 'Qwen' here: a hub id
+        assert not looks_local(hub_id) and resolve_model_path(hub_id) == hub_id
+    for data in ("good.txt", "runs/train.jsonl", "runs/data"):
+        with pytest.raises(DataError, match="file not found"):
+            read_records(data)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: got 0; must be >= 1"),
+        (["--max-new-tokens", "many"], "got 'many'; expected a whole number"),
+        (["--sample", "--temperature", "0"], "argument --temperature: got 0; must be > 0"),
+        (["--top-p", "1.5"], "argument --top-p: got 1.5; must be > 0 and <= 1"),
+    ],
+)
+def test_generation_options_out_of_range_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "builtin:micro", "--prompt", "hi", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_other_counts_are_checked(capsys):
+    for argv in (
+        ["eval", "x", "--samples", "-3"],
+        ["feedback", "m", "--prompts", "p", "--out", "o", "--temperature", "-1"],
+        ["feedback", "m", "--prompts", "p", "--out", "o", "--max-new-tokens", "0"],
+        ["feedback", "m", "--prompts", "p", "--out", "o", "--port", "70000"],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "must be" in capsys.readouterr().err
+
+
+def test_an_adapter_name_given_twice_is_refused(micro, capsys):
+    argv = ["generate", micro, "--prompt", "hi", "--adapter", "a=r1", "--adapter", "a=r2"]
+    assert main(argv) == 2
+    assert "the name 'a' is given twice" in capsys.readouterr().err
+
+
+def test_config_files_that_say_less_or_twice(tmp_path):
+    empty = tmp_path / "e.yaml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"e.yaml: the config file is empty"):
+        load_config(empty)
+    twice = tmp_path / "t.yaml"
+    twice.write_text("model: builtin:micro\ntask: sft\ntrain:\n  lr: 1e-4\ntask: dpo\n")
+    with pytest.raises(ConfigError, match=r"t.yaml:5: .*'task' is given twice .*first on line 2"):
+        load_config(twice)
+    merged = tmp_path / "m.yaml"  # YAML merge keys may override what they bring in
+    merged.write_text("base: &b {lr: 1e-4, epochs: 2}\ntrain:\n  <<: *b\n  lr: 3e-4\n")
+    with pytest.raises(ConfigError, match="unknown key 'base'"):  # read, then validated
+        load_config(merged)
+    brace = tmp_path / "b.yaml"
+    brace.write_text("model: builtin:micro\ndata:\n  train: {a: 1,\n  b: c: d\n")
+    with pytest.raises(ConfigError, match=r"b.yaml:4: .*flow mapping that starts on line 3"):
+        load_config(brace)
+
+
+def test_weights_get_the_permissions_of_the_other_files(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for f in ("model.safetensors", "checkpoints/weights.safetensors"):
+        save_file({"w": torch.zeros(2)}, str(tmp_path / f))
+        os.chmod(tmp_path / f, 0o600)  # what safetensors 0.8 writes
+    share_weights(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "checkpoints/weights.safetensors").stat().st_mode) == 0o600
