@@ -364,8 +364,11 @@ def finish_run(run: Run, result: LoopResult) -> RunResult:
             f"final save to {ctx.out} failed{where} ({io_reason(e)}); {kept}."
         ) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    speed = (
+        f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else "no step left to train"
+    )
     say(
-        f"done in {result.train_seconds:.0f}s ({result.tokens_per_s:,.0f} tokens/s); {shown or 'no eval split'}; saved to {ctx.out}"
+        f"done in {result.train_seconds:.0f}s ({speed}); {shown or 'no eval split'}; saved to {ctx.out}"
     )
     return RunResult(ctx.out, info)
 
