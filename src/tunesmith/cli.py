@@ -109,9 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument(
         "--temperature",
-        type=_number(float, 0.0, above=True),
+        type=_number(float, 0.0),
         default=0.8,
-        help="sampling temperature, > 0 (default 0.8)",
+        help="sampling temperature, > 0 with --sample (default 0.8)",
     )
     g.add_argument(
         "--top-p", type=PROBABILITY_MASS, default=0.95, help="nucleus sampling mass (default 0.95)"
@@ -341,6 +341,11 @@ def _cmd_generate(a: argparse.Namespace) -> None:
         for p, o in zip(a.prompt, outs):
             print(f">>> {p}\n{o}\n" if len(a.prompt) > 1 else o)
 
+    if a.sample and a.temperature == 0:
+        raise TunesmithError(
+            "--temperature 0 with --sample: sampling needs a temperature > 0; leave out --sample "
+            "for greedy decoding."
+        )
     _prepare_source(a.model)
     if not a.adapter:
         if a.use:
@@ -427,8 +432,10 @@ def _cmd_predict(a: argparse.Namespace) -> None:
 
 
 def _cmd_student(a: argparse.Namespace) -> None:
+    from tunesmith.paths import require_new_folder
     from tunesmith.student import build_student
 
+    require_new_folder(a.out, "--out")  # before anything loads
     layers = None
     if a.layers:
         try:

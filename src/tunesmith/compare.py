@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tunesmith.config import load_config
+from tunesmith.config import load_config, parse_value
 from tunesmith.console import say
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import method_names
@@ -65,11 +65,17 @@ def _method_spec(name: str, raw: dict[str, Any], options: Sequence[str]) -> dict
         method, field = key.split(".", 1)
         if method != name:
             continue
+        try:
+            parsed = parse_value(value)
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {opt}: the value is not valid YAML; quote a string: {key}='\"{value}\"'."
+            ) from None
         section, _, sub = field.partition(".")
         if sub and isinstance(spec.get(section), dict):
-            spec[section][sub] = yaml.safe_load(value)
+            spec[section][sub] = parsed
         else:
-            spec["method"][field] = yaml.safe_load(value)
+            spec["method"][field] = parsed
     return spec
 
 
@@ -96,6 +102,12 @@ def compare(
     task = get_task(cfg.task)
     metrics = task.compare_metrics
     raw = cfg.to_dict()
+    for opt in options:  # a setting for a method not compared would be dropped without a word
+        method = opt.partition("=")[0].split(".", 1)[0]
+        if "." in opt.partition("=")[0] and method not in methods:
+            raise ConfigError(
+                f"--set {opt}: '{method}' is not among --methods ({', '.join(methods)})."
+            )
     root = require_new_folder(cfg.output_dir, "output_dir")
     specs = {
         name: {**_method_spec(name, raw, options), "output_dir": str(root / name)}

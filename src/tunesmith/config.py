@@ -449,13 +449,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         )
     key, raw = item.split("=", 1)
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+        value = parse_value(raw)
     except yaml.YAMLError as e:
         raise ConfigError(
             f"override '{_shown(item)}': the value is not valid YAML ({_yaml_problem(e)}); "
             f"write a YAML value (a list is [a, b]) or quote a string: {_shown(key)}='\"{_shown(raw)}\"'."
         ) from None
     return key.strip().split("."), value
+
+
+def parse_value(raw: str) -> Any:
+    """A value written on the command line, read as a config file's value is (``3e-4`` is a
+    number); empty is None. Raises ``yaml.YAMLError``."""
+    return yaml.load(raw, Loader=_Loader) if raw.strip() else None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -484,26 +490,39 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads '1e-4' (no dot) as a float, as people write it (integers stay
-    integers: the int resolver comes first and claims '8' before this one is consulted), and
-    refuses a key given twice in one section, where plain YAML keeps the last without a word."""
+    """Safe YAML that also reads '1e-4' (no dot) as a float, as people write it. Integers stay
+    integers: the int resolver comes first and claims '8' before this one is consulted."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"the key '{key}' is given twice in one section (first on line {seen[key]}); keep one",
-                    key_node.start_mark,
-                )
-            if isinstance(key, typing.Hashable):
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+
+def _repeated_key(root: yaml.Node | None) -> yaml.constructor.ConstructorError | None:
+    """The first key written twice in one mapping of the composed document (plain YAML keeps the
+    last without a word), as an error at the second one; merged keys (``<<``) are not the
+    mapping's own and may be overridden. Read before construction, which rewrites merges."""
+    todo, seen_nodes = [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                todo += [key, value]
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    return yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"the key '{key.value}' is given twice in one section (first on line "
+                        f"{first[key.tag, key.value]}); keep one",
+                        key.start_mark,
+                    )
+                first[key.tag, key.value] = line
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+    return None
 
 
 _Loader.add_implicit_resolver(
@@ -542,6 +561,9 @@ def read_config_data(
         except ValueError as e:  # a NUL in the path
             raise ConfigError(f"{str(path)!r}: cannot read the config file ({e}).") from None
         try:
+            repeated = _repeated_key(yaml.compose(text, Loader=_Loader))
+            if repeated is not None:
+                raise repeated
             data = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)

@@ -156,7 +156,13 @@ def resolve_model_path(name: str) -> str:
             )
         return str(path)
     if looks_local(name):
-        raise TunesmithError(f"model.name: {path} does not exist.")
+        org = name.split("/", 1)[0]
+        hint = (
+            f" ({org}/ is a folder here, so this is a path in it; for the hub id, run elsewhere)"
+            if name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            else ""
+        )
+        raise TunesmithError(f"model.name: {path} does not exist{hint}.")
     return name  # a hub id
 
 

@@ -43,7 +43,7 @@ def share_weights(folder: str | Path) -> None:
     """Give the ``.safetensors`` files under ``folder`` (its checkpoints aside) the permissions a
     new file gets here (``0o666`` less the umask), as every other file of a run has: safetensors
     0.8 writes them owner-only (``0o600``), which a server running as another user cannot read."""
-    mask = os.umask(0)
+    mask = os.umask(0)  # the one way to read it: set, then put back at once
     os.umask(mask)
     for f in Path(folder).rglob("*.safetensors"):
         if "checkpoints" not in f.relative_to(folder).parts:

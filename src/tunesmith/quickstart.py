@@ -50,7 +50,6 @@ QUICKSTART = {
     },
 }
 SHOW = 6  # generations shown side by side
-SECTION = "## Quickstart: before and after"  # the report's section a quickstart adds
 MARK = ".tunesmith-quickstart"  # in the folders a quickstart made: the ones it may replace
 
 
@@ -60,15 +59,16 @@ def _measure(model: Any, tokenizer: Any, records: list, template: str | None) ->
 
 def claim_folder(out: Path) -> None:
     """Make ``out`` an empty folder marked as the quickstart's: one an earlier quickstart made
-    is replaced, any other must be new or empty (one-line error otherwise, nothing touched)."""
-    report = out / "report.md"
-    earlier = (out / MARK).is_file() or (  # or one finished before the mark existed
-        report.is_file() and SECTION in report.read_text(errors="replace")
-    )
-    if not earlier:
+    (it holds ``MARK``) is emptied, any other must be new or empty (a one-line error otherwise,
+    nothing touched). A link to a folder stays a link; what it points to is emptied."""
+    if not (out / MARK).is_file():
         require_new_folder(out, "--output-dir", " (quickstart replaces only a folder it made)")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     (out / MARK).write_text(
         "made by `tunesmith quickstart`, which replaces this folder when run again\n"
     )
@@ -123,7 +123,7 @@ def quickstart(
         f"| {q} | {ref} | `{_short(b)}` | `{_short(a)}` |" for q, (_, ref, b), (_, _, a) in shown
     )
     section = (
-        f"{SECTION}\n\n"
+        "## Quickstart: before and after\n\n"
         f"Held-out exact match: **{100 * before.score:.1f}%** (base) -> **{100 * after.score:.1f}%** (after) on {after.n} questions.\n\n"
         f"| question | reference | base model | after LoRA SFT |\n| --- | --- | --- | --- |\n{rows}\n\n"
     )

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.paths import require_new_folder, share_weights
+from tunesmith.paths import share_weights
 
 
 def default_layers(n: int) -> list[int]:
@@ -82,7 +82,6 @@ def build_student(teacher: str, out: str | Path, layers: list[int] | None = None
 
     from tunesmith.models import is_run_dir, resolve_model_path
 
-    out = require_new_folder(out, "--out")
     src = teacher if is_run_dir(teacher) else resolve_model_path(teacher)
     if not (Path(src) / "config.json").exists():
         raise TunesmithError(
@@ -90,6 +89,7 @@ def build_student(teacher: str, out: str | Path, layers: list[int] | None = None
         )
     model = load_any(src)
     student = student_from(model, layers)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)

@@ -4,6 +4,7 @@ user meant. Each refusal is one line, and what was on disk before is still there
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
 
 
 def test_quickstart_replaces_only_its_own_folder(tmp_path):
-    from tunesmith.quickstart import MARK, SECTION, claim_folder
+    from tunesmith.quickstart import MARK, claim_folder
 
     new = tmp_path / "new"
     claim_folder(new)
@@ -51,18 +52,22 @@ def test_quickstart_replaces_only_its_own_folder(tmp_path):
     with pytest.raises(TunesmithError, match="not empty"):
         claim_folder(new)
     assert (new / "metrics.jsonl").exists()
-    (new / "report.md").write_text(f"# Run\n\n{SECTION}\n")  # finished before the mark existed
-    claim_folder(new)
-    assert sorted(p.name for p in new.iterdir()) == [MARK]
+    empty = tmp_path / "empty"  # a link to an empty folder, then to a quickstart's own
+    empty.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    claim_folder(link)
+    (link / "loss.svg").write_text("<svg/>")
+    claim_folder(link)
+    assert link.is_symlink() and sorted(p.name for p in empty.iterdir()) == [MARK]
 
 
-def test_student_and_merge_refuse_a_non_empty_out_before_loading(tmp_path):
+def test_student_and_merge_refuse_a_non_empty_out_before_loading(tmp_path, capsys):
     from tunesmith.merge import merge_run
-    from tunesmith.student import build_student
 
     out = _users_folder(tmp_path / "out")
-    with pytest.raises(TunesmithError, match=r"--out: .*out is not empty"):
-        build_student("no-such-teacher-is-loaded", out)
+    assert main(["student", "no-such-teacher-is-loaded", "--out", str(out)]) == 2
+    assert "--out: " in capsys.readouterr().err
     run = tmp_path / "run"  # looks like a run folder; nothing in it would load
     run.mkdir()
     (run / "config.yaml").write_text("model: x\n")
@@ -70,6 +75,18 @@ def test_student_and_merge_refuse_a_non_empty_out_before_loading(tmp_path):
     with pytest.raises(TunesmithError, match=r"--out: .*out is not empty"):
         merge_run(run, out)
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_a_students_build_interrupted_is_rebuilt(micro, tmp_path):
+    """distill builds its student into the run's own folder; a build killed part-way (or one
+    for other layers) is written again on the next launch."""
+    from tunesmith.student import build_student
+
+    init = tmp_path / "run" / "student-init"
+    init.mkdir(parents=True)
+    (init / "config.json").write_text("{}")  # what a killed build left
+    build_student(micro, init, [0])
+    assert json.loads((init / "student.json").read_text())["layers"] == [0]
 
 
 def test_compare_checks_every_setting_before_writing(tmp_path):
@@ -84,6 +101,18 @@ def test_compare_checks_every_setting_before_writing(tmp_path):
             options=["lora.rnk=2"],
         )
     assert not root.exists()  # so the corrected command runs in the same folder
+    with pytest.raises(ConfigError, match="'lroa' is not among --methods"):
+        compare(str(CONFIGS / "sft_lora.yaml"), ["lora"], [f"output_dir={root}"], ["lroa.rank=4"])
+    assert not root.exists()
+
+
+def test_compare_reads_set_values_as_the_config_does():
+    from tunesmith.compare import _method_spec
+
+    raw = load_config(CONFIGS / "sft_lora.yaml").to_dict()
+    spec = _method_spec("full", raw, ["full.train.lr=3e-4", "lora.rank=4"])
+    assert spec["train"]["lr"] == 3e-4 and spec["method"] == {"name": "full"}
+    assert load_config(spec).train.lr == 3e-4
 
 
 def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
@@ -105,7 +134,7 @@ def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
     [
         (["--max-new-tokens", "0"], "argument --max-new-tokens: got 0; must be >= 1"),
         (["--max-new-tokens", "many"], "got 'many'; expected a whole number"),
-        (["--sample", "--temperature", "0"], "argument --temperature: got 0; must be > 0"),
+        (["--temperature", "-0.5"], "argument --temperature: got -0.5; must be >= 0"),
         (["--top-p", "1.5"], "argument --top-p: got 1.5; must be > 0 and <= 1"),
     ],
 )
@@ -115,6 +144,14 @@ def test_generation_options_out_of_range_are_usage_errors(args, message, capsys)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sampling_at_temperature_zero_is_refused(capsys):
+    assert (
+        main(["generate", "no/such/model/here", "--prompt", "hi", "--sample", "--temperature", "0"])
+        == 2
+    )
+    assert "--temperature 0 with --sample" in capsys.readouterr().err
 
 
 def test_other_counts_are_checked(capsys):
@@ -148,6 +185,10 @@ def test_config_files_that_say_less_or_twice(tmp_path):
     merged.write_text("base: &b {lr: 1e-4, epochs: 2}\ntrain:\n  <<: *b\n  lr: 3e-4\n")
     with pytest.raises(ConfigError, match="unknown key 'base'"):  # read, then validated
         load_config(merged)
+    anchors = tmp_path / "a.yaml"  # a merge that rewrites an anchored mapping is no repeat
+    anchors.write_text("a: &a {x: 1}\nl:\n  - &b\n    <<: *a\n    x: 2\nm:\n  <<: *b\n")
+    with pytest.raises(ConfigError, match="unknown key 'a'"):
+        load_config(anchors)
     brace = tmp_path / "b.yaml"
     brace.write_text("model: builtin:micro\ndata:\n  train: {a: 1,\n  b: c: d\n")
     with pytest.raises(ConfigError, match=r"b.yaml:4: .*flow mapping that starts on line 3"):

@@ -58,8 +58,10 @@ class MetricsLog:
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
-    """A progress bar on stderr: redrawn as it goes on a terminal, a line every 30 s into a log
-    file or pipe (where each redraw would add a line)."""
+    """A progress bar on stderr: redrawn as it goes on a terminal or in a notebook, a line every
+    30 s into a log file or pipe (where each redraw would add a line)."""
+    notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto's pick
+    to_log = not sys.stderr.isatty() and not notebook
     return tqdm(
         total=total,
         initial=initial,
@@ -68,7 +70,7 @@ def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
         dynamic_ncols=True,
         file=sys.stderr,
         unit="step",
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        mininterval=30.0 if to_log else 0.1,
     )
 
 
