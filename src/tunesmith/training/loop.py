@@ -387,6 +387,7 @@ def train_loop(
                 ),
                 tok_s=f"{tok_s:,.0f}",
                 **({"eval": f"{eval_metrics['eval_loss']:.4f}"} if eval_metrics else {}),
+                refresh=False,  # shown at the bar's next redraw (its interval: see progress)
             )
             bar.update(1)
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
