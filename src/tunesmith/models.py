@@ -3,8 +3,10 @@ and load finished runs back for generation, evaluation and merging."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from torch import nn
 
 from tunesmith.builtin.specs import builtin_path, is_built
 from tunesmith.config import Config, ModelConfig, load_config
+from tunesmith.console import say
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.fused_attention import fuse_attention
 from tunesmith.methods.fused_lora import fuse_linear
@@ -212,7 +215,8 @@ def load_model(
     kwargs.update(extra or {})
     auto = getattr(transformers, spec.auto_class)
     try:
-        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+        with _own_load_report():
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.name, e) from None
     if spec.attach is not None:
@@ -221,6 +225,21 @@ def load_model(
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True
     model.tunesmith_fresh = new_module_names(model, info)  # initialised here, not loaded
+    unused = sorted(info.get("unexpected_keys", ()))
+    if model.tunesmith_fresh or unused:
+        say(
+            f"{mcfg.name} as {spec.auto_class}: "
+            + "; ".join(
+                part
+                for part in (
+                    model.tunesmith_fresh
+                    and f"new here (not in the checkpoint): {', '.join(model.tunesmith_fresh)}",
+                    unused
+                    and f"{len(unused)} checkpoint tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
+                )
+                if part
+            )
+        )
     if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
         for name in model.tunesmith_fresh:
             model.get_submodule(name).tunesmith_head = True
@@ -228,6 +247,22 @@ def load_model(
     fuse_attention(model)  # causal attention over query blocks on CPU, sdpa elsewhere
     fuse_rmsnorm(model)  # and norms, so a reference or teacher rounds as the policy does
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _own_load_report() -> Iterator[None]:
+    """transformers' multi-line LOAD REPORT (missing and unexpected weights, with terminal colour
+    codes even into a log file) left out while loading: ``load_model`` says it in one line."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def new_module_names(model: nn.Module, info: dict[str, Any]) -> list[str]:

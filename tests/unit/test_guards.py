@@ -205,3 +205,22 @@ def test_weights_get_the_permissions_of_the_other_files(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE((tmp_path / "checkpoints/weights.safetensors").stat().st_mode) == 0o600
+
+
+def test_a_new_head_is_said_in_one_line(micro, capsys):
+    import logging
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model
+
+    logged: list[str] = []  # what transformers' loader logs past tunesmith's filter
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        load_model(ModelConfig(name=micro), torch.device("cpu"), head="reward")
+    finally:
+        logger.removeHandler(handler)
+    assert "new here (not in the checkpoint): score" in capsys.readouterr().err
+    assert not any("LOAD REPORT" in m for m in logged)
