@@ -382,6 +382,17 @@ def test_bad_bodies_get_4xx(tmp_path, client_for):
         (c.post("/api/judge", content=big, headers=h), 413),
         (c.post("/api/next", content=b"{not json", headers=h), 400),
         (c.post("/api/next", content=b"[1, 2]", headers=h), 400),
+        # valid JSON to the grammar, but past what Python's parser takes (within MAX_BODY)
+        (
+            c.post(
+                "/api/next", content=b'{"judge": ' + b"[" * 30000 + b"]" * 30000 + b"}", headers=h
+            ),
+            400,
+        ),
+        (
+            c.post("/api/next", content=b'{"judge": "ana", "n": ' + b"9" * 5000 + b"}", headers=h),
+            400,
+        ),
         (
             c.post(
                 "/api/next", content=b'{"judge": "ana"}', headers={"content-type": "text/plain"}

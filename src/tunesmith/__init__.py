@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # before it is needed: the CLI may first restart itself under another allocator.
 _LAZY = {
     "Config": "tunesmith.config",
+    "Interrupted": "tunesmith.training.guard",  # a run stopped by SIGINT/SIGTERM, checkpoint written
     "load_config": "tunesmith.config",
     "MultiAdapter": "tunesmith.multi",
     "RunResult": "tunesmith.pipeline",
@@ -42,6 +43,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "Interrupted",
     "MultiAdapter",
     "RunResult",
     "TunesmithError",

@@ -395,6 +395,9 @@ def _check_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.device: got {t.device!r}; allowed: auto, cpu, cuda, cuda:N.")
 
 
+DEFAULT_METHOD = "lora"  # what a config that names no method trains with
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate a plain dict (as read from YAML) into a :class:`Config`."""
     register_tasks()
@@ -405,10 +408,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data)
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
-    method = data.pop("method", "lora")
+    method = data.pop("method", DEFAULT_METHOD)
     if isinstance(method, str):
         method = {"name": method}
-    if not isinstance(method, dict) or "name" not in method:
+    if isinstance(method, dict) and "name" not in method:  # settings of the default method
+        method = {"name": DEFAULT_METHOD, **method}  # (``method.rank=8`` with no method section)
+    if not isinstance(method, dict) or not isinstance(method["name"], str):
         raise ConfigError("method: give a method name (e.g. 'lora') or a mapping with 'name'.")
     method = dict(method)
     name = method.pop("name")
@@ -536,9 +541,12 @@ def load_config(
     source: str | Path | dict[str, Any] | Config, overrides: typing.Sequence[str] = ()
 ) -> Config:
     """Load a config from a YAML path, a dict or a Config, then apply dotted overrides."""
-    if isinstance(source, Config):
-        if not overrides:
-            return source
+    if isinstance(overrides, str):  # one override given bare, not in a list
+        overrides = [overrides]
+    bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(f"overrides: each is a 'dotted.key=value' string; got {bad[0]!r}.")
+    if isinstance(source, Config):  # checked again: its fields may have been set by hand
         source = source.to_dict()
     return config_from_dict(read_config_data(source, overrides))
 

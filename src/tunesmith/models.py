@@ -128,18 +128,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, key: str = "model.name") -> str:
     """A loadable path or hub id for ``model.name``. Pure: nothing is built or written.
 
     ``builtin:NAME`` is its cache folder once built; a run folder of a parameter-efficient
     method is its merged model (``RUN/merged``) once merged. ``tunesmith.prepare.ensure_model``
     is the explicit step that builds or merges (``tunesmith.train`` calls it before loading).
+    ``key`` is the config key that gave ``name``, for the errors.
     """
     if name.startswith("builtin:"):
         short = name.split(":", 1)[1]
         if not is_built(short):
             raise TunesmithError(
-                f"model.name: {name} is not built yet; run `tunesmith builtin build --name {short}` "
+                f"{key}: {name} is not built yet; run `tunesmith builtin build --name {short}` "
                 "(tunesmith train and quickstart build it on first use)."
             )
         return str(builtin_path(short))
@@ -148,14 +149,14 @@ def resolve_model_path(name: str) -> str:
         merged = path / "merged"
         if not (merged / "config.json").exists():
             raise TunesmithError(
-                f"model.name: the run {path} is an adapter; merge it first with "
+                f"{key}: the run {path} is an adapter; merge it first with "
                 f"`tunesmith merge {path} --out {merged}` (tunesmith train does this on first use)."
             )
         return str(merged)
     if path.exists():
         if not (path / "config.json").exists():
             raise TunesmithError(
-                f"model.name: {path} has no config.json; is it a Hugging Face model folder?"
+                f"{key}: {path} has no config.json; is it a Hugging Face model folder?"
             )
         return str(path)
     if looks_local(name):
@@ -165,8 +166,38 @@ def resolve_model_path(name: str) -> str:
             if name.count("/") == 1 and not name.startswith((".", "/", "~"))
             else ""
         )
-        raise TunesmithError(f"model.name: {path} does not exist{hint}.")
+        raise TunesmithError(f"{key}: {path} does not exist{hint}.")
+    unreachable = _hub_unreachable(name)
+    if unreachable:
+        raise TunesmithError(
+            f"{key}: {name} is not a local folder, and as a hub id it cannot be fetched "
+            f"({unreachable}); check the path, or connect (a model downloaded before loads offline)."
+        )
     return name  # a hub id
+
+
+def _hub_unreachable(name: str) -> str | None:
+    """Why the hub cannot give ``name`` now (its host does not resolve and nothing of ``name`` is
+    in the local hub cache), or None. Without it an offline machine spends about a minute on
+    transformers' retries before the same answer. ``HF_HUB_OFFLINE`` leaves it to transformers."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return None  # downloaded before
+    except ValueError:  # not a valid repo id
+        return f"'{name}' is not a valid hub id either"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} does not resolve: {e.strerror or e}"
+    return None
 
 
 def _load_error(name: str, e: Exception) -> TunesmithError:

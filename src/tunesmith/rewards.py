@@ -20,11 +20,14 @@ NaN or infinity stops the run with one line naming the source and what it return
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +36,21 @@ import torch
 from tunesmith.errors import TunesmithError
 
 Prompt = str | list[dict]
+
+
+@contextlib.contextmanager
+def _current_folder_on_path() -> Iterator[None]:
+    """The folder the command runs from on ``sys.path`` while a reward module is imported (the
+    installed ``tunesmith`` script, unlike ``python -m``, does not put it there)."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.append(here)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 class RewardError(TunesmithError):
@@ -103,10 +121,20 @@ class FunctionReward:
         if not module_name or not attr:
             raise RewardError(f"reward {spec}: give a function as 'module:function'.")
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
+            with _current_folder_on_path():  # a module beside the config, as `python -m` finds it
+                module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name.split(".")[0] and not module_name.startswith(f"{e.name}."):
+                raise RewardError(  # the module is there; something it imports is not
+                    f"reward {spec}: importing '{module_name}' failed: {e}."
+                ) from None
             raise RewardError(
-                f"reward {spec}: cannot import module '{module_name}' ({e}); is it on PYTHONPATH?"
+                f"reward {spec}: cannot import module '{module_name}' ({e}); put {module_name.split('.')[0]}.py "
+                "in the folder you run from, or its folder on PYTHONPATH."
+            ) from None
+        except Exception as e:  # the module itself raised while it was imported
+            raise RewardError(
+                f"reward {spec}: importing '{module_name}' raised {type(e).__name__}: {e}"
             ) from None
         fn = getattr(module, attr, None)
         if not callable(fn):

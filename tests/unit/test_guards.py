@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_compare_reads_set_values_as_the_config_does():
     assert load_config(spec).train.lr == 3e-4
 
 
+def _no_dns(*args):
+    raise OSError(-2, "Name or service not known")
+
+
 def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -122,8 +127,17 @@ def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
         assert looks_local(name)
         with pytest.raises(TunesmithError, match="does not exist"):
             resolve_model_path(name)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     for hub_id in ("gpt2", "Qwen/Qwen2.5-0.5B"):  # no folder 'Qwen' here: a hub id
-        assert not looks_local(hub_id) and resolve_model_path(hub_id) == hub_id
+        assert not looks_local(hub_id)
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *a: [])  # online (no real lookup)
+        assert resolve_model_path(hub_id) == hub_id
+        monkeypatch.setattr(socket, "getaddrinfo", _no_dns)  # offline: at once, not a minute
+        with pytest.raises(TunesmithError, match="as a hub id it cannot be fetched"):
+            resolve_model_path(hub_id)
+    with pytest.raises(TunesmithError, match=r"^distill.teacher: "):
+        resolve_model_path("runs/nothere", "distill.teacher")
     for data in ("good.txt", "runs/train.jsonl", "runs/data"):
         with pytest.raises(DataError, match="file not found"):
             read_records(data)
@@ -224,3 +238,17 @@ def test_a_new_head_is_said_in_one_line(micro, capsys):
         logger.removeHandler(handler)
     assert "new here (not in the checkpoint): score" in capsys.readouterr().err
     assert not any("LOAD REPORT" in m for m in logged)
+
+
+def test_the_python_api_checks_what_it_is_given(tmp_path):
+    import tunesmith
+
+    assert load_config({"model": "x"}, "train.lr=1e-3").train.lr == 1e-3  # one override, bare
+    with pytest.raises(ConfigError, match="overrides: each is a 'dotted.key=value' string"):
+        load_config({"model": "x"}, [None])
+    cfg = load_config({"model": "x"})
+    cfg.method.rank = 0  # set by hand on a Config: checked again when it is used
+    with pytest.raises(ConfigError, match="rank"):
+        load_config(cfg)
+    assert load_config({"model": "x"}, ["method.rank=8"]).method.rank == 8  # lora, the default
+    assert issubclass(tunesmith.Interrupted, tunesmith.TunesmithError)

@@ -205,3 +205,21 @@ def test_reward_model_scores_as_in_training(reward_runs, method):
 def test_a_folder_that_is_no_reward_model_is_refused(tiny_models):
     with pytest.raises(RewardError, match="not a reward model"):
         RewardModel(tiny_models["llama"])
+
+
+def test_a_module_beside_the_run_is_found_and_its_own_errors_are_named(tmp_path, monkeypatch):
+    """The installed `tunesmith` script does not put the folder it runs from on sys.path (as
+    `python -m` does); reward modules there are found all the same."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "here_reward_mod.py").write_text("def score(p, c):\n    return [1.0] * len(c)\n")
+    assert load_reward("here_reward_mod:score")(["p"], ["c"]) == [1.0]
+    assert str(tmp_path) not in sys.path  # put back
+    (tmp_path / "broken_reward_mod.py").write_text("raise RuntimeError('no key set')\n")
+    with pytest.raises(
+        RewardError, match="importing 'broken_reward_mod' raised RuntimeError: no key set"
+    ):
+        load_reward("broken_reward_mod:score")
+    (tmp_path / "needs_reward_mod.py").write_text("import not_installed_pkg_xyz\n")
+    with pytest.raises(RewardError, match="importing 'needs_reward_mod' failed: No module named"):
+        load_reward("needs_reward_mod:score")

@@ -120,7 +120,9 @@ async def _body(request: Request, allowed: set[str], required: set[str]) -> dict
     raw = await request.body()  # the app's max_body_size answers 413 past MAX_BODY
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    # ValueError: JSON's own errors, bad UTF-8 and integers past Python's 4,300 digits;
+    # RecursionError: arrays or objects nested thousands deep (all within MAX_BODY bytes)
+    except (ValueError, RecursionError):
         raise BadRequest(400, "the body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest(400, "the body must be a JSON object.")

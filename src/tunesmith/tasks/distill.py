@@ -74,7 +74,7 @@ def prepare(cfg: Config) -> None:
                 f"{cfg.task}.student to distil `model` into a student built from its layers."
             )
         s.teacher = cfg.model.name  # saved in config.yaml: a resumed run finds the same teacher
-    teacher_path = resolve_model_path(s.teacher)
+    teacher_path = resolve_model_path(s.teacher, f"{cfg.task}.teacher")
     if not token_level(cfg):
         labels = teacher_labels(teacher_path)
         if labels is not None:
