@@ -482,8 +482,13 @@ def _cmd_feedback(a: argparse.Namespace) -> None:
 
 def _cmd_builtin(a: argparse.Namespace) -> None:
     if a.builtin_command == "build":
+        from tunesmith.builtin.specs import SPECS
         from tunesmith.prepare import ensure_builtin_model
 
+        if a.name not in SPECS:
+            raise TunesmithError(
+                f"--name: unknown built-in model '{a.name}'; available: {', '.join(SPECS)}."
+            )
         path = ensure_builtin_model(a.name, rebuild=True)
         print(f"built-in model '{a.name}' is at {path}")
     else:

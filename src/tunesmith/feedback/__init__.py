@@ -98,6 +98,7 @@ def serve_feedback(
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops on Ctrl+C, then re-raises it
             server.run(sockets=[sock])
         summary = store.summary()
-        print(f"stopped; {summary['judgements']} judgements in {store.out}.")
+        side = f" (ties and both-bad verdicts in {store.side})" if store.side.exists() else ""
+        print(f"stopped; {summary['judgements']} judgements saved in {store.out}{side}.")
     finally:
         store.close()
