@@ -59,6 +59,26 @@ AMOUNT = _number(int, 0)  # zero or more
 PROBABILITY_MASS = _number(float, 0.0, 1.0, above=True)  # top-p
 
 
+def _sampling_options(
+    p: argparse.ArgumentParser, temperature: float, about_zero: str, top_p: float
+) -> None:
+    """The options of a command that generates: length, temperature, top-p and seed."""
+    p.add_argument("--max-new-tokens", type=COUNT, default=64, help="default 64")
+    p.add_argument(
+        "--temperature",
+        type=_number(float, 0.0),
+        default=temperature,
+        help=f"sampling temperature ({about_zero}; default {temperature})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=PROBABILITY_MASS,
+        default=top_p,
+        help=f"nucleus sampling mass (default {top_p})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunesmith",
@@ -105,18 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prompt", action="append", required=True, help="prompt text (repeat for several)"
     )
-    g.add_argument("--max-new-tokens", type=COUNT, default=64, help="default 64")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument(
-        "--temperature",
-        type=_number(float, 0.0),
-        default=0.8,
-        help="sampling temperature, > 0 with --sample (default 0.8)",
-    )
-    g.add_argument(
-        "--top-p", type=PROBABILITY_MASS, default=0.95, help="nucleus sampling mass (default 0.95)"
-    )
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _sampling_options(g, 0.8, "> 0 with --sample", 0.95)
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument(
         "--adapter",
@@ -273,17 +283,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how many people judge each pair (2+ measures agreement; default 1)",
     )
     fb.add_argument("--limit", type=COUNT, help="use the first N distinct prompts")
-    fb.add_argument("--max-new-tokens", type=COUNT, default=64, help="default 64")
-    fb.add_argument(
-        "--temperature",
-        type=_number(float, 0.0),
-        default=1.0,
-        help="sampling temperature (default 1.0; 0: greedy, with --against)",
-    )
-    fb.add_argument(
-        "--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus sampling mass (default 1.0)"
-    )
-    fb.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _sampling_options(fb, 1.0, "0: greedy, with --against", 1.0)
     fb.add_argument(
         "--raw", action="store_true", help="do not wrap text prompts in the chat template"
     )

@@ -103,8 +103,8 @@ def compare(
     metrics = task.compare_metrics
     raw = cfg.to_dict()
     for opt in options:  # a setting for a method not compared would be dropped without a word
-        method = opt.partition("=")[0].split(".", 1)[0]
-        if "." in opt.partition("=")[0] and method not in methods:
+        method, dot, _ = opt.partition("=")[0].partition(".")
+        if dot and method not in methods:
             raise ConfigError(
                 f"--set {opt}: '{method}' is not among --methods ({', '.join(methods)})."
             )

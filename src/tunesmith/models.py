@@ -4,6 +4,7 @@ and load finished runs back for generation, evaluation and merging."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from tunesmith.methods.fused_attention import fuse_attention
 from tunesmith.methods.fused_lora import fuse_linear
 from tunesmith.methods.fused_mlp import fuse_swiglu
 from tunesmith.methods.fused_norm import fuse_rmsnorm
-from tunesmith.paths import looks_local
+from tunesmith.paths import looks_local, shadowing_folder
 
 DTYPES = {
     "float32": torch.float32,
@@ -160,13 +161,9 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
             )
         return str(path)
     if looks_local(name):
-        org = name.split("/", 1)[0]
-        hint = (
-            f" ({org}/ is a folder here, so this is a path in it; for the hub id, run elsewhere)"
-            if name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            else ""
-        )
-        raise TunesmithError(f"{key}: {path} does not exist{hint}.")
+        org = shadowing_folder(name)
+        hint = f" ({org}/ is a folder here, so this is a path in it; for the hub id, run elsewhere)"
+        raise TunesmithError(f"{key}: {path} does not exist{hint if org else ''}.")
     unreachable = _hub_unreachable(name)
     if unreachable:
         raise TunesmithError(
@@ -176,6 +173,7 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
     return name  # a hub id
 
 
+@functools.cache  # asked for each load of the same model in a run
 def _hub_unreachable(name: str) -> str | None:
     """Why the hub cannot give ``name`` now (its host does not resolve and nothing of ``name`` is
     in the local hub cache), or None. Without it an offline machine spends about a minute on
@@ -256,21 +254,14 @@ def load_model(
         if hasattr(model, name):
             getattr(model, name).tunesmith_head = True
     model.tunesmith_fresh = new_module_names(model, info)  # initialised here, not loaded
-    unused = sorted(info.get("unexpected_keys", ()))
-    if model.tunesmith_fresh or unused:
-        say(
-            f"{mcfg.name} as {spec.auto_class}: "
-            + "; ".join(
-                part
-                for part in (
-                    model.tunesmith_fresh
-                    and f"new here (not in the checkpoint): {', '.join(model.tunesmith_fresh)}",
-                    unused
-                    and f"{len(unused)} checkpoint tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
-                )
-                if part
-            )
-        )
+    said = []  # in place of transformers' LOAD REPORT (_own_load_report)
+    if model.tunesmith_fresh:
+        said.append(f"new here (not in the checkpoint): {', '.join(model.tunesmith_fresh)}")
+    if unused := sorted(info.get("unexpected_keys", ())):
+        more = ", ..." if len(unused) > 3 else ""
+        said.append(f"{len(unused)} checkpoint tensors unused ({', '.join(unused[:3])}{more})")
+    if said:
+        say(f"{mcfg.name} as {spec.auto_class}: {'; '.join(said)}")
     if spec.new_modules:  # so does any module the checkpoint lacks (an MLM checkpoint's pooler)
         for name in model.tunesmith_fresh:
             model.get_submodule(name).tunesmith_head = True

@@ -34,9 +34,15 @@ def looks_local(name: str) -> bool:
     starts with ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a folder
     here (``runs/nothere`` where ``runs/`` exists). A missing path then gets "does not exist"
     at once instead of a minute of hub requests."""
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return True
-    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or bool(shadowing_folder(name))
+
+
+def shadowing_folder(name: str) -> str | None:
+    """``ORG`` when ``name`` is ``ORG/NAME`` and ``ORG`` is a folder here: then ``name`` is read
+    as a path in it, not as a hub id."""
+    org, sep, rest = name.partition("/")
+    plain = sep and "/" not in rest and not name.startswith((".", "/", "~"))
+    return org if plain and Path(org).is_dir() else None
 
 
 def share_weights(folder: str | Path) -> None:

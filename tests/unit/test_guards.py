@@ -18,7 +18,7 @@ from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.data.io import read_records
 from tunesmith.errors import ConfigError, DataError, TunesmithError
-from tunesmith.models import resolve_model_path
+from tunesmith.models import _hub_unreachable, resolve_model_path
 from tunesmith.paths import looks_local, share_weights
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -132,8 +132,10 @@ def test_missing_local_paths_are_not_tried_on_the_hub(tmp_path, monkeypatch):
     for hub_id in ("gpt2", "Qwen/Qwen2.5-0.5B"):  # no folder 'Qwen' here: a hub id
         assert not looks_local(hub_id)
         monkeypatch.setattr(socket, "getaddrinfo", lambda *a: [])  # online (no real lookup)
+        _hub_unreachable.cache_clear()  # a run asks once per model
         assert resolve_model_path(hub_id) == hub_id
         monkeypatch.setattr(socket, "getaddrinfo", _no_dns)  # offline: at once, not a minute
+        _hub_unreachable.cache_clear()
         with pytest.raises(TunesmithError, match="as a hub id it cannot be fetched"):
             resolve_model_path(hub_id)
     with pytest.raises(TunesmithError, match=r"^distill.teacher: "):
