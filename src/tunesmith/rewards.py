@@ -124,7 +124,7 @@ class FunctionReward:
             with _current_folder_on_path():  # a module beside the config, as `python -m` finds it
                 module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name.split(".")[0] and not module_name.startswith(f"{e.name}."):
+            if e.name != module_name and not module_name.startswith(f"{e.name}."):
                 raise RewardError(  # the module is there; something it imports is not
                     f"reward {spec}: importing '{module_name}' failed: {e}."
                 ) from None

@@ -220,6 +220,10 @@ def test_a_module_beside_the_run_is_found_and_its_own_errors_are_named(tmp_path,
         RewardError, match="importing 'broken_reward_mod' raised RuntimeError: no key set"
     ):
         load_reward("broken_reward_mod:score")
+    (tmp_path / "pkg_reward_mod").mkdir()  # the package is there, its module is not
+    (tmp_path / "pkg_reward_mod" / "__init__.py").write_text("")
+    with pytest.raises(RewardError, match="cannot import module 'pkg_reward_mod.nope'"):
+        load_reward("pkg_reward_mod.nope:score")
     (tmp_path / "needs_reward_mod.py").write_text("import not_installed_pkg_xyz\n")
     with pytest.raises(RewardError, match="importing 'needs_reward_mod' failed: No module named"):
         load_reward("needs_reward_mod:score")
